@@ -1,0 +1,67 @@
+"""Atomic file output: a killed run never leaves a half-written file behind.
+
+Every writer goes to a temporary file in the destination folder, flushes and
+fsyncs it, then `os.replace`s it onto the final name (atomic on POSIX).
+Readers therefore see either the old file, no file, or the whole new file.
+"""
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from typing import Any, Iterator
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "wb") -> Iterator[Any]:
+  """Opens a temporary file that replaces `path` when the block exits cleanly."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+  try:
+    with os.fdopen(fd, mode) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  with atomic_open(path, "wb") as f:
+    f.write(data)
+
+
+def write_text(path: str, text: str) -> None:
+  with atomic_open(path, "w") as f:
+    f.write(text)
+
+
+def write_json(path: str, obj: Any) -> None:
+  write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_npz(path: str, **arrays: np.ndarray) -> None:
+  """Writes a compressed `.npz` atomically."""
+  buf = io.BytesIO()
+  np.savez_compressed(buf, **arrays)
+  write_bytes(path, buf.getvalue())
+
+
+def save_png(path: str, array: np.ndarray, palette: np.ndarray | None = None) -> None:
+  """Writes a uint8 image ([H, W] or [H, W, 3]) as PNG, optionally paletted."""
+  from PIL import Image  # Local import keeps `import affinity_jax.io` light.
+
+  img = Image.fromarray(np.asarray(array, dtype=np.uint8))
+  if palette is not None:
+    img = img.convert("P") if img.mode != "L" else img
+    img.putpalette(np.asarray(palette, np.uint8).reshape(-1).tolist())
+  buf = io.BytesIO()
+  img.save(buf, format="PNG")
+  write_bytes(path, buf.getvalue())

@@ -1,0 +1,1 @@
+"""Pure, jittable operations of AffinityNet."""
