@@ -53,7 +53,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, *, iterations: int = 10,
   d.setUnaryEnergy(unary)
   d.addPairwiseGaussian(sxy=gauss_sxy, compat=gauss_compat)
   d.addPairwiseBilateral(sxy=bi_sxy, srgb=bi_srgb,
-                         rgbim=np.ascontiguousarray(image, dtype=np.uint8), compat=bi_compat)
+                         rgbim=np.require(image, np.uint8, ["C", "W"]), compat=bi_compat)
   q = np.asarray(d.inference(iterations), np.float32)
   return q.reshape(n, h, w).transpose(1, 2, 0).copy()
 
