@@ -1,0 +1,40 @@
+"""Confusion matrices accumulated over a split, one per method, from lazily loaded pairs."""
+
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from affinity_jax.ops import metrics
+
+
+def accumulate(pairs: Iterable[tuple[np.ndarray, np.ndarray]], num_classes: int = 21,
+               progress: str | None = None) -> np.ndarray:
+  """Sums per-image confusion matrices.
+
+  Args:
+    pairs: iterable (usually a generator, so one image is in memory at a time) of
+      (pred [H, W], gt [H, W]) integer label maps; gt 255 is ignored, pred outside
+      0..C-1 counts as a miss (`affinity_jax.ops.metrics`).
+    num_classes: C.
+    progress: a tqdm description, or None for no bar.
+
+  Returns:
+    int64 [C, C + 1] confusion matrix (rows gt, columns pred, last column out of range).
+  """
+  if progress is not None:
+    from tqdm import tqdm
+    pairs = tqdm(pairs, desc=progress, unit="img")
+  cm = np.zeros((num_classes, num_classes + 1), np.int64)
+  for pred, gt in pairs:
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    if pred.shape != gt.shape:
+      raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")
+    cm += metrics.confusion_np(pred, gt, num_classes)
+  return cm
+
+
+def evaluate(methods: Mapping[str, Iterable[tuple[np.ndarray, np.ndarray]]],
+             num_classes: int = 21, progress: bool = False) -> dict[str, np.ndarray]:
+  """`accumulate` for each method: {name: pairs} -> {name: [C, C + 1]} (order kept)."""
+  return {name: accumulate(pairs, num_classes, name if progress else None)
+          for name, pairs in methods.items()}

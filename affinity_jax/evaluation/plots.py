@@ -1,0 +1,141 @@
+"""Pictures for reports and notebooks: overlays as RGB arrays, confusion matrix, overlay grid.
+
+Figures are drawn with matplotlib's object API on an Agg canvas (no pyplot, no global
+backend switch, so notebooks keep their own backend) and written through `affinity_jax.io`.
+"""
+
+import io as _io
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from affinity_jax import io
+from affinity_jax.constants import voc_palette
+
+
+def label_overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+  """Blends VOC palette colours of a label map onto an image.
+
+  Background (0) keeps the image as it is so objects stand out; 255 (ignore) is drawn in
+  its palette colour (cream).
+
+  Args:
+    image: uint8 [H, W, 3].
+    label: int [H, W] label ids.
+    alpha: weight of the label colour.
+
+  Returns:
+    uint8 [H, W, 3].
+  """
+  label = np.asarray(label).astype(np.int64)
+  colours = voc_palette()[np.clip(label, 0, 255)].astype(np.float32)
+  img = np.asarray(image, np.float32)
+  blend = (1 - alpha) * img + alpha * colours
+  out = np.where((label == 0)[..., None], img, blend)
+  return np.rint(out).clip(0, 255).astype(np.uint8)
+
+
+def cam_overlay(image: np.ndarray, cams: np.ndarray, alpha: float = 0.5,
+                cmap: str = "jet") -> np.ndarray:
+  """Blends a heat map of max_c CAM_c onto an image.
+
+  Args:
+    image: uint8 [H, W, 3].
+    cams: float [H, W, k] (or [H, W]) class activation maps, roughly in [0, 1].
+    alpha: weight of the heat map.
+
+  Returns:
+    uint8 [H, W, 3].
+  """
+  from matplotlib import colormaps
+
+  cams = np.asarray(cams, np.float32)
+  heat = cams.max(axis=-1) if cams.ndim == 3 else cams
+  if heat.shape != image.shape[:2]:
+    raise ValueError(f"CAM {heat.shape} and image {image.shape[:2]} differ in size")
+  rgb = colormaps[cmap](np.clip(heat, 0, 1))[..., :3] * 255
+  out = (1 - alpha) * np.asarray(image, np.float32) + alpha * rgb
+  return np.rint(out).clip(0, 255).astype(np.uint8)
+
+
+def _save(fig, path: str, dpi: int) -> None:
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+  FigureCanvasAgg(fig)
+  buf = _io.BytesIO()
+  fig.savefig(buf, format="png", dpi=dpi)
+  io.write_bytes(path, buf.getvalue())
+
+
+def confusion_plot(path: str, cm: np.ndarray, names: Sequence[str], *, title: str = "",
+                   size_in: float = 9.0, dpi: int = 100) -> None:
+  """Row-normalised confusion matrix (rows ground truth, columns prediction) as a PNG.
+
+  Args:
+    path: output .png, `size_in * dpi` pixels square.
+    cm: [C, C + 1] or [C, C] counts; the extra column (prediction out of range) is shown
+      as the last column, labelled 'ignore'.
+    names: C class names.
+  """
+  from matplotlib.figure import Figure
+
+  cm = np.asarray(cm, np.float64)
+  c = cm.shape[0]
+  rows = cm.sum(axis=1, keepdims=True)
+  norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+  cols = list(names) + (["ignore"] if cm.shape[1] == c + 1 else [])
+  fig = Figure(figsize=(size_in, size_in))
+  ax = fig.add_axes([0.2, 0.2, 0.72, 0.72])
+  im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+  ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=8)
+  ax.set_yticks(range(c), names, fontsize=8)
+  ax.set_xlabel("prediction")
+  ax.set_ylabel("ground truth")
+  for i in range(c):
+    for j in range(cm.shape[1]):
+      if norm[i, j] >= 0.01:
+        ax.text(j, i, f"{100 * norm[i, j]:.0f}", ha="center", va="center", fontsize=5,
+                color="white" if norm[i, j] > 0.5 else "black")
+  ax.set_title(title or "confusion (row-normalised, %)")
+  fig.colorbar(im, cax=fig.add_axes([0.93, 0.2, 0.02, 0.72]))
+  _save(fig, path, dpi)
+
+
+def overlay_grid(path: str, rows: Iterable[Mapping[str, np.ndarray]], *, cell_in: float = 3.0,
+                 dpi: int = 100) -> int:
+  """A grid of overlays, one image per row: image / CAM / pseudo label / ground truth.
+
+  Args:
+    path: output .png, `4 * cell_in * dpi` pixels wide, `n * cell_in * dpi` high.
+    rows: dicts with `image` uint8 [H, W, 3], `cam` float [H, W, k], `pseudo` [H, W] and
+      `gt` [H, W] label maps, and optionally `title` (str, e.g. the image id).
+
+  Returns:
+    The number of rows drawn.
+  """
+  from matplotlib.figure import Figure
+
+  rows = list(rows)
+  if not rows:
+    raise ValueError("overlay_grid needs at least one image")
+  heads = ("image", "CAM", "pseudo label", "ground truth")
+  fig = Figure(figsize=(4 * cell_in, len(rows) * cell_in))
+  for r, row in enumerate(rows):
+    image = np.asarray(row["image"], np.uint8)
+    panels = (image, cam_overlay(image, row["cam"]), label_overlay(image, row["pseudo"]),
+              label_overlay(image, row["gt"]))
+    for c, panel in enumerate(panels):
+      ax = fig.add_subplot(len(rows), 4, 4 * r + c + 1)
+      ax.imshow(panel)
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if r == 0:
+        ax.set_title(heads[c], fontsize=10)
+      if c == 0 and "title" in row:
+        ax.set_ylabel(str(row["title"]), fontsize=8)
+  height = len(rows) * cell_in
+  fig.subplots_adjust(left=0.03, right=0.99, top=1 - 0.3 / height, bottom=0.05 / height,
+                      wspace=0.03, hspace=0.05)
+  _save(fig, path, dpi)
+  return len(rows)
+

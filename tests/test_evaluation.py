@@ -1,0 +1,108 @@
+"""Evaluation: accumulation over a split, the report files, and the pictures."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from affinity_jax.evaluation import confusion, plots, report
+from affinity_jax.ops import metrics
+
+
+def _split(seed, n=4, noise=0.2):
+  """A lazy split: (pred, gt) pairs with gt from few classes and noisy predictions."""
+  rng = np.random.default_rng(seed)
+  for _ in range(n):
+    gt = rng.choice([0, 0, 3, 15, 255], (10, 12)).astype(np.uint8)
+    pred = np.where(rng.random(gt.shape) < noise, rng.choice([0, 3, 15, 7], gt.shape), gt)
+    yield np.where(gt == 255, 0, pred).astype(np.uint8), gt
+
+
+def test_accumulate_equals_one_big_matrix():
+  pairs = list(_split(0))
+  cm = confusion.accumulate(iter(pairs))
+  big = metrics.confusion_np(np.stack([p for p, _ in pairs]), np.stack([g for _, g in pairs]))
+  np.testing.assert_array_equal(cm, big)
+  with pytest.raises(ValueError, match="shape"):
+    confusion.accumulate([(np.zeros((2, 2)), np.zeros((2, 3)))])
+
+
+def test_report_files_match_numbers(tmp_path, capsys):
+  cms = confusion.evaluate({"CAM": _split(0, noise=0.5), "CAM+RW": _split(0, noise=0.1)})
+  res = report.write(str(tmp_path), cms, only_present=True)
+  printed = capsys.readouterr().out
+  loaded = json.loads((tmp_path / "results.json").read_text())
+  md = (tmp_path / "results.md").read_text()
+  assert loaded == json.loads(json.dumps(res))
+  for name, cm in cms.items():
+    m = loaded["methods"][name]
+    assert m["miou"] == pytest.approx(metrics.mean_iou(cm))
+    assert m["iou"]["bird"] == pytest.approx(metrics.iou_per_class(cm)[3])
+    assert m["iou"]["aeroplane"] is None
+    assert m["confusion"] == cm.tolist()
+  assert loaded["methods"]["CAM+RW"]["miou"] > loaded["methods"]["CAM"]["miou"]
+  lines = {l.split("|")[1].strip(): l for l in md.splitlines() if l.startswith("|")}
+  # Present classes only: background, bird, person and car (car only predicted: IoU 0).
+  assert set(lines) - {"class", "-" * len(next(iter(lines)))} >= {"background", "bird",
+                                                                   "person", "car", "mIoU"}
+  assert "aeroplane" not in lines
+  cells = [c.strip() for c in lines["mIoU"].split("|")[2:4]]
+  assert cells == [f"{100 * loaded['methods'][m]['miou']:.1f}" for m in ("CAM", "CAM+RW")]
+  assert lines["car"].split("|")[2].strip() == "0.0"
+  assert "mIoU" in printed and sorted(os.listdir(tmp_path)) == ["results.json", "results.md"]
+  full = report.table(res)
+  assert "| aeroplane" in full and full.count("\n") == 21 + 2
+
+
+def test_overlays_are_rgb_and_blend():
+  image = np.full((6, 8, 3), 100, np.uint8)
+  label = np.zeros((6, 8), np.uint8)
+  label[:, 4:] = 15
+  label[0, 0] = 255
+  out = plots.label_overlay(image, label, alpha=0.5)
+  assert out.shape == (6, 8, 3) and out.dtype == np.uint8
+  np.testing.assert_array_equal(out[1, 0], [100, 100, 100])  # background untouched
+  np.testing.assert_array_equal(out[0, 5], np.rint((100 + np.array([192, 128, 128])) / 2))
+  np.testing.assert_array_equal(out[0, 0], np.rint((100 + np.array([224, 224, 192])) / 2))
+  cams = np.zeros((6, 8, 2), np.float32)
+  cams[:3, :, 1] = 1.0
+  heat = plots.cam_overlay(image, cams)
+  assert heat.shape == (6, 8, 3) and heat.dtype == np.uint8
+  assert not np.array_equal(heat[0, 0], heat[5, 0])  # hot vs cold
+  with pytest.raises(ValueError):
+    plots.cam_overlay(image, cams[:3])
+
+
+VOC = "/work/shared/voc_sample/VOC2012"
+
+
+def _rows(n=3):
+  if os.path.isdir(VOC):
+    names = sorted(f[:-4] for f in os.listdir(f"{VOC}/SegmentationClass"))[:n]
+    for name in names:
+      image = np.asarray(Image.open(f"{VOC}/JPEGImages/{name}.jpg").convert("RGB"))
+      gt = np.asarray(Image.open(f"{VOC}/SegmentationClass/{name}.png"))
+      fg = ((gt > 0) & (gt < 255)).astype(np.float32)
+      cam = np.stack([np.roll(fg, 15, axis=1) * np.linspace(0.3, 1, gt.shape[1])], -1)
+      pseudo = np.where(np.roll(fg, 10, axis=0) > 0, gt.max(where=gt < 255, initial=0), 0)
+      yield {"image": image, "cam": cam, "pseudo": pseudo, "gt": gt, "title": name}
+  else:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+      gt = np.zeros((40, 60), np.uint8)
+      gt[10:30, 15 + i:45] = i + 1
+      yield {"image": rng.integers(0, 256, (40, 60, 3), dtype=np.uint8),
+             "cam": rng.random((40, 60, 2)), "pseudo": gt, "gt": gt, "title": str(i)}
+
+
+def test_plots_written_with_expected_size(tmp_path):
+  cm = confusion.accumulate(_split(1))
+  cpath = str(tmp_path / "confusion_CAM.png")
+  plots.confusion_plot(cpath, cm, report.LABEL_NAMES, size_in=6, dpi=80)
+  assert Image.open(cpath).size == (480, 480)
+  gpath = str(tmp_path / "overlays.png")
+  assert plots.overlay_grid(gpath, _rows(3), cell_in=2.5, dpi=80) == 3
+  assert Image.open(gpath).size == (800, 600)
+  assert sorted(os.listdir(tmp_path)) == ["confusion_CAM.png", "overlays.png"]
