@@ -92,3 +92,18 @@ def test_missing_pydensecrf_says_how_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
   with pytest.raises(UserError, match="pip install pydensecrf2"):
     crf.dense_crf(np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 2), 0.5, np.float32))
+
+
+def test_write_interrupted_leaves_nothing_and_rerun_completes(tmp_path, monkeypatch):
+  out = str(tmp_path / "crf")
+
+  def crash(fd):
+    raise OSError("disk gone")
+
+  monkeypatch.setattr("affinity_jax.io.os.fsync", crash)
+  with pytest.raises(OSError, match="disk gone"):
+    crf.run_pool(["4"], _load, out, workers=1, progress=False)
+  assert os.listdir(out) == []  # neither the result nor a temporary file
+  monkeypatch.undo()
+  assert crf.run_pool(["4"], _load, out, workers=1, progress=False) == 1
+  assert store.exists(out, "4")

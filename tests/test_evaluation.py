@@ -103,6 +103,8 @@ def test_plots_written_with_expected_size(tmp_path):
   plots.confusion_plot(cpath, cm, report.LABEL_NAMES, size_in=6, dpi=80)
   assert Image.open(cpath).size == (480, 480)
   gpath = str(tmp_path / "overlays.png")
-  assert plots.overlay_grid(gpath, _rows(3), cell_in=2.5, dpi=80) == 3
-  assert Image.open(gpath).size == (800, 600)
+  rows = list(_rows(3))
+  assert plots.overlay_grid(gpath, rows, cell_in=2.5, dpi=80) == 3
+  aspect = max(r["image"].shape[0] / r["image"].shape[1] for r in rows)
+  assert Image.open(gpath).size == (800, round((3 * 2.5 * aspect + 0.3) * 80))
   assert sorted(os.listdir(tmp_path)) == ["confusion_CAM.png", "overlays.png"]

@@ -106,7 +106,8 @@ def overlay_grid(path: str, rows: Iterable[Mapping[str, np.ndarray]], *, cell_in
   """A grid of overlays, one image per row: image / CAM / pseudo label / ground truth.
 
   Args:
-    path: output .png, `4 * cell_in * dpi` pixels wide, `n * cell_in * dpi` high.
+    path: output .png, `4 * cell_in * dpi` pixels wide and `(n * cell_in * a + 0.3) * dpi`
+        high, a = the largest height/width ratio of the images.
     rows: dicts with `image` uint8 [H, W, 3], `cam` float [H, W, k], `pseudo` [H, W] and
       `gt` [H, W] label maps, and optionally `title` (str, e.g. the image id).
 
@@ -119,7 +120,10 @@ def overlay_grid(path: str, rows: Iterable[Mapping[str, np.ndarray]], *, cell_in
   if not rows:
     raise ValueError("overlay_grid needs at least one image")
   heads = ("image", "CAM", "pseudo label", "ground truth")
-  fig = Figure(figsize=(4 * cell_in, len(rows) * cell_in))
+  aspect = max(np.shape(row["image"])[0] / np.shape(row["image"])[1] for row in rows)
+  row_in, head_in = cell_in * aspect, 0.3
+  height = len(rows) * row_in + head_in
+  fig = Figure(figsize=(4 * cell_in, height))
   for r, row in enumerate(rows):
     image = np.asarray(row["image"], np.uint8)
     panels = (image, cam_overlay(image, row["cam"]), label_overlay(image, row["pseudo"]),
@@ -133,9 +137,8 @@ def overlay_grid(path: str, rows: Iterable[Mapping[str, np.ndarray]], *, cell_in
         ax.set_title(heads[c], fontsize=10)
       if c == 0 and "title" in row:
         ax.set_ylabel(str(row["title"]), fontsize=8)
-  height = len(rows) * cell_in
-  fig.subplots_adjust(left=0.03, right=0.99, top=1 - 0.3 / height, bottom=0.05 / height,
-                      wspace=0.03, hspace=0.05)
+  fig.subplots_adjust(left=0.03, right=0.995, top=1 - head_in / height, bottom=0.005,
+                      wspace=0.02, hspace=0.02)
   _save(fig, path, dpi)
   return len(rows)
 
