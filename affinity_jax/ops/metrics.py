@@ -2,14 +2,14 @@
 
 Conventions (the same in the jnp and the NumPy versions):
 - The confusion matrix `cm[g, p]` counts pixels with ground truth `g` (rows) and
-  prediction `p` (columns), `[C, C]` int64 on host, int32 on device.
+  prediction `p` (columns); int64 on host, int32 on device (sum device matrices on host in
+  int64 when a split has more than 2^31 pixels).
 - Pixels whose ground truth is outside `0..C-1` (in particular 255 = ignore) are skipped.
 - A prediction outside `0..C-1` (e.g. 255 in a pseudo label) is a wrong answer: the pixel
   counts as a false negative of its ground-truth class and a false positive of no class,
-  so it lowers that class's IoU without raising any other class's FP. Such pixels appear
-  in the matrix as a row sum larger than the sum of the row's columns; we keep them in a
-  separate per-class vector (`missed`) so no information is lost. To keep one array, the
-  matrix has one extra column: `cm` is `[C, C + 1]`, column C = "prediction outside range".
+  so it lowers that class's IoU without raising any other class's FP. To keep these
+  pixels in the one array, the matrix has an extra column: `cm` is `[C, C + 1]`, column C
+  = "prediction outside the label range".
 - Matrices add: accumulate a split by summing the per-batch matrices.
 - IoU_c = TP / (TP + FP + FN) with TP = cm[c, c], FP = column sum over the first C
   columns minus TP, FN = row sum (all C + 1 columns) minus TP.
