@@ -108,3 +108,17 @@ def test_plots_written_with_expected_size(tmp_path):
   aspect = max(r["image"].shape[0] / r["image"].shape[1] for r in rows)
   assert Image.open(gpath).size == (800, round((3 * 2.5 * aspect + 0.3) * 80))
   assert sorted(os.listdir(tmp_path)) == ["confusion_CAM.png", "overlays.png"]
+
+
+def test_png_pairs_read_palette_pngs_lazily(tmp_path):
+  from affinity_jax import io
+  from affinity_jax.constants import voc_palette
+  from affinity_jax.errors import UserError
+
+  gts = {"a": np.array([[0, 15], [255, 3]], np.uint8), "b": np.array([[3, 3]], np.uint8)}
+  io.save_png(str(tmp_path / "a.png"), np.array([[0, 15], [3, 3]], np.uint8), voc_palette())
+  io.save_png(str(tmp_path / "b.png"), np.array([[3, 0]], np.uint8), voc_palette())
+  cm = confusion.accumulate(confusion.png_pairs(["a", "b"], str(tmp_path), gts.__getitem__))
+  assert cm[15, 15] == 1 and cm[3, 3] == 2 and cm[3, 0] == 1 and cm.sum() == 5
+  with pytest.raises(UserError, match="c.png"):
+    confusion.accumulate(confusion.png_pairs(["c"], str(tmp_path), gts.__getitem__))

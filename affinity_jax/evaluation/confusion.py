@@ -1,10 +1,32 @@
 """Confusion matrices accumulated over a split, one per method, from lazily loaded pairs."""
 
-from typing import Iterable, Mapping
+import os
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from affinity_jax.errors import UserError
 from affinity_jax.ops import metrics
+
+
+def read_label_png(path: str) -> np.ndarray:
+  """A label map saved as a (palette) PNG -> uint8 [H, W] label ids."""
+  from PIL import Image
+
+  try:
+    with Image.open(path) as img:
+      if img.mode not in ("P", "L"):
+        raise UserError(f"{path}: expected a palette or grey label PNG, got mode {img.mode}")
+      return np.asarray(img, np.uint8)
+  except FileNotFoundError:
+    raise UserError(f"{path}: label PNG missing") from None
+
+
+def png_pairs(ids: Iterable[str], pred_dir: str,
+              gt: Callable[[str], np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Lazily yields (pred, gt) for each id from `<pred_dir>/<id>.png` and `gt(id) -> [H, W]`."""
+  for i in ids:
+    yield read_label_png(os.path.join(pred_dir, f"{i}.png")), np.asarray(gt(i))
 
 
 def accumulate(pairs: Iterable[tuple[np.ndarray, np.ndarray]], num_classes: int = 21,
