@@ -153,3 +153,33 @@ def test_interrupted_training_resumes_to_the_same_result(tmp_path):
   again = loop.train(Toy(nnx.Rngs(2)), loss_fn, ToyBatches(mesh), config,
                      str(tmp_path / "cut"), mesh=mesh)
   jax.tree.map(np.testing.assert_array_equal, params_of(again), params_of(resumed))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path, monkeypatch):
+  mesh = mesh_lib.make_mesh()
+  config = toy_config(steps=5, ckpt_every=100)
+  full = loop.train(Toy(nnx.Rngs(0)), loss_fn, ToyBatches(mesh), config,
+                    str(tmp_path / "full"), mesh=mesh)
+
+  class InterruptingBar(loop.tqdm):
+    calls = 0
+
+    def update(self, n=1):
+      InterruptingBar.calls += 1
+      if InterruptingBar.calls == 3:  # Ctrl-C while logging step 3, after its line.
+        raise KeyboardInterrupt
+      return super().update(n)
+
+  monkeypatch.setattr(loop, "tqdm", InterruptingBar)
+  with pytest.raises(KeyboardInterrupt):
+    loop.train(Toy(nnx.Rngs(0)), loss_fn, ToyBatches(mesh), config, str(tmp_path / "cut"),
+               mesh=mesh)
+  monkeypatch.undo()
+  assert (tmp_path / "cut" / "ckpt" / "4").is_dir()  # Step 4 was queued when it came.
+  batches = ToyBatches(mesh)
+  resumed = loop.train(Toy(nnx.Rngs(1)), loss_fn, batches, config, str(tmp_path / "cut"),
+                       mesh=mesh)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               params_of(full), params_of(resumed))
+  steps = [json.loads(l)["step"] for l in open(tmp_path / "cut" / "metrics.jsonl")]
+  assert steps == [1, 2, 3, 4, 5]

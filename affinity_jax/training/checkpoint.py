@@ -8,6 +8,7 @@ Orbax writes each step to a temporary folder and renames it when complete, so a 
 run leaves either the previous checkpoints or the new one, never a half-written one.
 """
 
+import base64
 import os
 from typing import Any
 
@@ -20,6 +21,7 @@ from affinity_jax.training.optim import path_str
 
 
 MODEL_KEYS = ("params", "rest")
+_BYTES_KEY = "__bytes_base64__"
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -50,9 +52,15 @@ class Checkpointer:
     """The newest complete checkpoint's step, or None when there is none."""
     return self._manager.latest_step()
 
-  def save(self, step: int, state: Any, data_state: dict | None = None,
+  def save(self, step: int, state: Any, data_state: dict | bytes | None = None,
            force: bool = True) -> bool:
-    """Writes `state` (pytree of arrays) and `data_state` (JSON dict) as `step`."""
+    """Writes `state` (pytree of arrays) and `data_state` as `step`.
+
+    `data_state` is a JSON-serialisable dict, or bytes (what some grain iterators
+    return), kept base64-encoded.
+    """
+    if isinstance(data_state, bytes):
+      data_state = {_BYTES_KEY: base64.b64encode(data_state).decode("ascii")}
     saved = self._manager.save(
         int(step),
         args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -60,13 +68,13 @@ class Checkpointer:
         force=force)
     return bool(saved)
 
-  def maybe_save(self, step: int, state: Any, data_state: dict | None = None) -> bool:
+  def maybe_save(self, step: int, state: Any, data_state: dict | bytes | None = None) -> bool:
     """Saves when `step` is a multiple of `save_every`."""
     if step % self.save_every:
       return False
     return self.save(step, state, data_state)
 
-  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict | bytes]:
     """Reads a checkpoint into the structure, shapes and shardings of `abstract_state`.
 
     Args:
@@ -74,12 +82,13 @@ class Checkpointer:
       step: which checkpoint; default the latest.
 
     Returns:
-      (state, data_state).
+      (state, data_state): data_state as given to `save`.
 
     Raises:
       UserError: no checkpoint, or one written for another model (the message names
         the first parameter whose presence or shape differs).
     """
+    self.wait()
     step = self.latest_step() if step is None else step
     if step is None:
       raise UserError(f"checkpoint directory {self.directory} holds no checkpoint")
@@ -90,7 +99,10 @@ class Checkpointer:
     restored = self._manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                       data=ocp.args.JsonRestore()))
-    return restored["state"], dict(restored["data"] or {})
+    data_state = dict(restored["data"] or {})
+    if set(data_state) == {_BYTES_KEY}:
+      data_state = base64.b64decode(data_state[_BYTES_KEY])
+    return restored["state"], data_state
 
   def _check_compatible(self, step: int, abstract_state: Any) -> None:
     try:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 from tqdm import tqdm
@@ -154,40 +155,41 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: An
   tx = optim.make_optimizer(params, config, frozen_prefixes)
   schedule = optim.make_schedule(config)
 
-  # Fresh replicated copies: the originals stay with `model` and are never donated.
   def init_state(params, rest):
-    params, rest = jax.tree.map(jnp.copy, (params, rest))
     return dict(params=params, rest=rest, opt_state=tx.init(params),
                 step=jnp.zeros((), jnp.int32))
-  init_state = jax.jit(init_state, out_shardings=replicated)
-  abstract = jax.eval_shape(init_state, params, rest)
   abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      jax.eval_shape(init_state, params, rest))
 
   ckpt = Checkpointer(os.path.join(workdir, "ckpt"), keep=config.keep,
                       save_every=config.ckpt_every)
   start = ckpt.latest_step()
   if start is None:
-    state = init_state(params, rest)
+    # Through host memory: fresh global buffers (the model's own are never donated),
+    # and valid on several hosts as long as each holds the same values.
+    host = jax.tree.map(lambda x: jax.device_put(np.asarray(x), replicated), (params, rest))
+    state = jax.jit(init_state, out_shardings=replicated)(*host)
     start = 0
-    _truncate_metrics(workdir, 0)
   else:
     state, data_state = ckpt.restore(abstract, start)
     batches.set_state(data_state)
+  is_main = jax.process_index() == 0
+  if is_main:
     _truncate_metrics(workdir, start)
 
   rng = jax.device_put(jax.random.key(int(config.seed)), replicated)
   step_fn = make_train_step(graphdef, tx, loss_fn, schedule, rng_state.to_pure_dict(), mesh)
-  show = bool(config.get("progress", True)) and sys.stderr.isatty() and jax.process_index() == 0
+  show = bool(config.get("progress", True)) and sys.stderr.isatty() and is_main
   bar = tqdm(total=steps, initial=start, disable=not show, dynamic_ncols=True,
              desc=os.path.basename(os.path.normpath(workdir)) or "train")
   log_every = max(int(config.log_every), 1)
-
-  pending = None  # (step, metrics, batch size, start time): fetched one step late.
   last_t = time.perf_counter()
 
+  logged = start  # The last step written to the metrics log.
+
   def flush(pending, f):
-    nonlocal last_t
+    nonlocal last_t, logged
     step, metrics, size = pending
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     now = time.perf_counter()
@@ -195,38 +197,53 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: An
     last_t = now
     if not math.isfinite(values["loss"]):
       raise FloatingPointError(f"loss is {values['loss']} at step {step} in {workdir}")
-    record = {"step": step, **values}
-    if jax.process_index() == 0:
-      f.write(json.dumps(record) + "\n")
-      f.flush()
+    f.write(json.dumps({"step": step, **values}) + "\n")
+    f.flush()
+    logged = step
     bar.update(1)
     if step % log_every == 0 or step == steps:
       bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
                       img_s=f"{values['images_per_s']:.1f}")
 
-  step = start
-  with open(_metrics_path(workdir), "a") as f:
-    try:
-      while step < steps:
-        try:
-          batch = next(batches)
-        except StopIteration:
-          raise UserError(f"the input pipeline of {workdir} ended at step {step} of {steps}")
-        state, metrics = step_fn(state, batch, rng)
-        step += 1
-        if pending is not None:
-          flush(pending, f)
-        pending = (step, metrics, _batch_size(batch))
-        if step % ckpt.save_every == 0 or step == steps:
-          flush(pending, f)
-          pending = None
-          ckpt.save(step, state, batches.get_state())
-      if pending is not None:
-        flush(pending, f)
-    finally:
-      bar.close()
-      ckpt.wait()
-      ckpt.close()
+  step, saved = start, start
+  pending = None  # (step, metrics, batch size): fetched after the next step is queued.
+  in_step = False  # True between taking a batch and getting the step's new state.
+  log = open(_metrics_path(workdir) if is_main else os.devnull, "a")
+  try:
+    while step < steps:
+      in_step = True
+      try:
+        batch = next(batches)
+      except StopIteration:
+        raise UserError(f"the input pipeline of {workdir} ended at step {step} of {steps}")
+      state, metrics = step_fn(state, batch, rng)
+      step += 1
+      in_step = False
+      previous, pending = pending, (step, metrics, _batch_size(batch))
+      if previous is not None:
+        flush(previous, log)
+      if step % ckpt.save_every == 0 or step == steps:
+        flush(pending, log)
+        pending = None
+        ckpt.save(step, state, batches.get_state())
+        saved = step
+    if pending is not None:
+      flush(pending, log)
+  except KeyboardInterrupt:
+    # Ctrl-C on a single host: keep the work since the last checkpoint, if the state,
+    # the iterator and the log agree on the step. (On several hosts a save is
+    # collective and the other hosts were not interrupted, so skip it.)
+    if not in_step and step > saved and jax.process_count() == 1:
+      if pending is not None and logged == step - 1:
+        flush(pending, log)
+      if logged == step:
+        ckpt.save(step, state, batches.get_state())
+    raise
+  finally:
+    log.close()
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
 
   nnx.update(model, nnx.State(state["params"]), nnx.State(state["rest"]))
   return model
