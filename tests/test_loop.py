@@ -5,12 +5,12 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
-from affinity_jax.training import loop, mesh as mesh_lib
+from affinity_jax.training import loop, optim
+from affinity_jax.training import mesh as mesh_lib
 
 
 class FrozenStat(nnx.Variable):
@@ -88,7 +88,6 @@ def test_step_is_the_same_on_8_devices_and_on_1():
     graphdef, params, rngs, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
     params, rest = params.to_pure_dict(), rest.to_pure_dict()
     config = toy_config()
-    from affinity_jax.training import optim
     tx = optim.make_optimizer(params, config, ("backbone/conv/bias",))
     step = loop.make_train_step(graphdef, tx, loss_fn, optim.make_schedule(config),
                                 rngs.to_pure_dict(), mesh)

@@ -16,7 +16,7 @@ is `multiplier * schedule(step)` applied after momentum, again as torch does wit
 per-group learning rates.
 """
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
