@@ -76,7 +76,7 @@ def toy_config(**kw):
 
 
 def params_of(model):
-  return jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 def test_step_is_the_same_on_8_devices_and_on_1():
@@ -86,11 +86,11 @@ def test_step_is_the_same_on_8_devices_and_on_1():
     mesh = mesh_lib.make_mesh(devices)
     model = Toy(nnx.Rngs(0))
     graphdef, params, rngs, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
-    params, rest = params.to_pure_dict(), rest.to_pure_dict()
+    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
     config = toy_config()
     tx = optim.make_optimizer(params, config, ("backbone/conv/bias",))
     step = loop.make_train_step(graphdef, tx, loss_fn, optim.make_schedule(config),
-                                rngs.to_pure_dict(), mesh)
+                                nnx.to_pure_dict(rngs), mesh)
     rep = mesh_lib.replicated(mesh)
     state = jax.device_put(dict(params=params, rest=rest, opt_state=tx.init(params),
                                 step=jnp.zeros((), jnp.int32)), rep)
@@ -137,10 +137,11 @@ def test_interrupted_training_resumes_to_the_same_result(tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                params_of(full), params_of(resumed))
   # The non-trainable variable passes through unchanged.
-  np.testing.assert_array_equal(nnx.state(resumed, FrozenStat).to_pure_dict()["backbone"]["shift"],
-                                np.asarray(jnp.linspace(-0.5, 0.5, 8)))
+  shift = nnx.to_pure_dict(nnx.state(resumed, FrozenStat))["backbone"]["shift"]
+  np.testing.assert_array_equal(shift, np.asarray(jnp.linspace(-0.5, 0.5, 8)))
 
-  logs = [[json.loads(l) for l in open(tmp_path / d / "metrics.jsonl")] for d in ("full", "cut")]
+  logs = [[json.loads(l) for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+          for d in ("full", "cut")]
   assert [r["step"] for r in logs[1]] == list(range(1, 7))
   for a, b in zip(*logs):
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
@@ -180,5 +181,6 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path, monkeypatch):
                        mesh=mesh)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                params_of(full), params_of(resumed))
-  steps = [json.loads(l)["step"] for l in open(tmp_path / "cut" / "metrics.jsonl")]
+  lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+  steps = [json.loads(l)["step"] for l in lines]
   assert steps == [1, 2, 3, 4, 5]

@@ -61,7 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def _pure(state: nnx.State) -> dict:
-  return state.to_pure_dict()
+  return nnx.to_pure_dict(state)
 
 
 def _metrics_path(workdir: str) -> str:
@@ -179,7 +179,7 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: An
     _truncate_metrics(workdir, start)
 
   rng = jax.device_put(jax.random.key(int(config.seed)), replicated)
-  step_fn = make_train_step(graphdef, tx, loss_fn, schedule, rng_state.to_pure_dict(), mesh)
+  step_fn = make_train_step(graphdef, tx, loss_fn, schedule, nnx.to_pure_dict(rng_state), mesh)
   show = bool(config.get("progress", True)) and sys.stderr.isatty() and is_main
   bar = tqdm(total=steps, initial=start, disable=not show, dynamic_ncols=True,
              desc=os.path.basename(os.path.normpath(workdir)) or "train")
