@@ -97,7 +97,9 @@ def test_step_is_the_same_on_8_devices_and_on_1():
     batches = ToyBatches(mesh)
     rng = jax.random.key(3)
     for _ in range(2):
+      old_kernel = state["params"]["head"]["kernel"]
       state, metrics = step(state, next(batches), rng)
+      assert old_kernel.is_deleted()  # Donated: updated in place.
     assert state["params"]["backbone"]["conv"]["kernel"].sharding.is_fully_replicated
     results.append((float(metrics["loss"]), jax.tree.map(np.asarray, state["params"])))
   (loss1, p1), (loss8, p8) = results
