@@ -1,0 +1,254 @@
+"""Configs: loading `configs/NAME.py[:arg]`, command-line overrides, the workdir guard.
+
+A config file is a Python module with `get_config(arg)` returning an
+`ml_collections.ConfigDict`. The command line is
+
+  python -m affinity_jax.main --config=configs/NAME.py[:arg] --workdir=DIR [--mode=M]
+      [--config.a.b=VALUE ...]
+
+Overrides may only set keys the config already has, with a value of the key's type
+(ints are accepted for floats); anything else is a one-line `UserError`. The result is
+locked, so code cannot add keys by mistake either.
+
+A workdir belongs to one experiment: the first run writes `<workdir>/config.json`;
+later runs must agree with it on every key except the few that do not change what
+has been computed (`FREE_LEAVES`, `FREE_GROUPS`).
+"""
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import inspect
+import json
+import os
+import sys
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import ml_collections
+
+from affinity_jax import io
+from affinity_jax.errors import UserError
+
+# Keys (by last name) that may change between runs in one workdir: run length (to extend
+# training), logging, checkpoint frequency and retention, host-side parallelism.
+FREE_LEAVES = frozenset({"steps", "epochs", "log_every", "ckpt_every", "keep", "progress",
+                         "num_workers", "prefetch"})
+# Groups whose every key may change: how processes find each other.
+FREE_GROUPS = ("distributed",)
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+  """`{"a": {"b": 1}}` -> `{"a.b": 1}` for ConfigDicts and plain dicts."""
+  out = {}
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, (ml_collections.ConfigDict, dict)) and len(value):
+      out.update(flatten(value, name + "."))
+    else:
+      out[name] = value
+  return out
+
+
+def _module_path(path: str) -> str:
+  for candidate in (path, os.path.join(_REPO_ROOT, path)):
+    if os.path.isfile(candidate):
+      return candidate
+  raise UserError(f"config file {path} does not exist")
+
+
+def load_config(spec: str, overrides: Mapping[str, str] | Iterable[tuple[str, str]] = ()
+                ) -> ml_collections.ConfigDict:
+  """Builds the config named by `spec` and applies `overrides`; the result is locked.
+
+  Args:
+    spec: `path/to/NAME.py` or `path/to/NAME.py:arg` (relative paths are tried from the
+      current folder, then from the repository root).
+    overrides: dotted key -> value as typed on the command line.
+  """
+  path, _, arg = spec.partition(":")
+  path = _module_path(path)
+  module_spec = importlib.util.spec_from_file_location(
+      "affinity_config_" + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise UserError(f"config file {path} has no get_config(arg) function")
+  takes_arg = bool(inspect.signature(module.get_config).parameters)
+  if arg and not takes_arg:
+    raise UserError(f"config file {path} takes no argument but got {arg!r}")
+  config = module.get_config(arg or None) if takes_arg else module.get_config()
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UserError(f"get_config in {path} must return an ml_collections.ConfigDict")
+  config = ml_collections.ConfigDict(config)  # Own copy, unlocked.
+  apply_overrides(config, overrides)
+  config.lock()
+  return config
+
+
+def _parse_value(key: str, text: str, current: Any) -> Any:
+  def bad(kind):
+    return UserError(f"config key {key}: {text!r} is not a valid {kind}")
+  if isinstance(current, bool):
+    low = text.strip().lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    raise bad("bool (true/false)")
+  if isinstance(current, int):
+    try:
+      return int(text)
+    except ValueError:
+      raise bad("int") from None
+  if isinstance(current, float):
+    try:
+      return float(text)
+    except ValueError:
+      raise bad("float") from None
+  if isinstance(current, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    if current is None:
+      return text
+    raise bad(type(current).__name__) from None
+  if isinstance(current, (tuple, list)):
+    if not isinstance(value, (tuple, list)):
+      value = (value,)
+    return type(current)(value)
+  return value
+
+
+def _unknown(key: str, known: Iterable[str]) -> UserError:
+  close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
+  hint = f"; did you mean {', '.join(close)}?" if close else ""
+  return UserError(f"unknown config key {key}{hint}")
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Mapping[str, str] | Iterable[tuple[str, str]]) -> None:
+  """Sets each dotted `key` to its parsed `value` (strings as on the command line)."""
+  items = overrides.items() if isinstance(overrides, Mapping) else overrides
+  for key, text in items:
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        raise _unknown(key, flatten(config))
+      node = node[part]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      raise _unknown(key, flatten(config))
+    current = node[leaf]
+    if isinstance(current, ml_collections.ConfigDict):
+      raise UserError(f"config key {key} is a group; set its keys ({key}.NAME=...) instead")
+    value = _parse_value(key, text, current) if isinstance(text, str) else text
+    try:
+      node[leaf] = value
+    except (TypeError, ValueError) as e:
+      raise UserError(f"config key {key}: cannot set {value!r}: "
+                      f"{str(e).splitlines()[0]}") from None
+
+
+def _jsonable(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def _free(key: str) -> bool:
+  return key.rsplit(".", 1)[-1] in FREE_LEAVES or key.split(".", 1)[0] in FREE_GROUPS
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str, config_name: str) -> None:
+  """Claims `workdir` for this config or checks that it already belongs to it.
+
+  Writes `<workdir>/config.json` (`{"config_name", "config"}`) on the first run and
+  again when only free keys changed (so it always shows the latest run's values).
+
+  Raises:
+    UserError: the workdir was written by a config that differs in another key.
+  """
+  path = os.path.join(workdir, "config.json")
+  current = _jsonable(config)
+  record = {"config_name": config_name, "config": current}
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        saved = json.load(f)
+      saved_name, saved_config = saved["config_name"], saved["config"]
+    except (ValueError, KeyError, TypeError):
+      raise UserError(f"{path} is not a config written by affinity_jax; use another "
+                      "--workdir") from None
+    old, new = flatten(saved_config), flatten(current)
+    differing = sorted(k for k in set(old) | set(new)
+                       if old.get(k, "<missing>") != new.get(k, "<missing>") and not _free(k))
+    if differing:
+      key = differing[0]
+      raise UserError(
+          f"workdir {workdir} was written by config {saved_name} ({key}: "
+          f"{old.get(key, '<missing>')!r} there, {new.get(key, '<missing>')!r} now); "
+          "use another --workdir")
+    if saved == record:
+      return
+  io.write_json(path, record)
+
+
+@dataclasses.dataclass
+class CommandLine:
+  """The parsed `affinity_jax.main` command line."""
+  config: ml_collections.ConfigDict
+  config_name: str
+  workdir: str
+  mode: str
+
+
+def parse_command_line(argv: Sequence[str], modes: Sequence[str] = (),
+                       default_mode: str = "all") -> CommandLine:
+  """Parses `--config=... --workdir=... [--mode=...] [--config.KEY=VALUE ...]`.
+
+  Both `--flag=value` and `--flag value` work. `modes`, when given, lists valid modes.
+  """
+  values: dict[str, str] = {}
+  overrides: list[tuple[str, str]] = []
+  args = list(argv)
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    if not arg.startswith("--"):
+      raise UserError(f"unexpected argument {arg!r}; flags are --config, --workdir, --mode")
+    name, eq, value = arg[2:].partition("=")
+    if not eq:
+      if i + 1 >= len(args):
+        raise UserError(f"flag --{name} needs a value")
+      i += 1
+      value = args[i]
+    if name.startswith("config."):
+      overrides.append((name[len("config."):], value))
+    elif name in ("config", "workdir", "mode"):
+      values[name] = value
+    else:
+      raise UserError(f"unknown flag --{name}; flags are --config, --workdir, --mode, "
+                      "--config.KEY")
+    i += 1
+  for name in ("config", "workdir"):
+    if not values.get(name):
+      raise UserError(f"missing --{name}=...")
+  mode = values.get("mode", default_mode)
+  if modes and mode not in modes:
+    raise UserError(f"unknown --mode={mode}; choose one of {', '.join(modes)}")
+  config = load_config(values["config"], overrides)
+  return CommandLine(config, values["config"], values["workdir"], mode)
+
+
+def run_main(main: Callable[[Sequence[str]], Any], argv: Sequence[str] | None = None) -> None:
+  """Runs `main(argv)`; a `UserError` becomes `error: <message>` on stderr and exit 2."""
+  try:
+    main(sys.argv[1:] if argv is None else list(argv))
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    print("interrupted; run the same command again to resume", file=sys.stderr)
+    sys.exit(130)

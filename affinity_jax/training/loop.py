@@ -1,0 +1,249 @@
+"""A generic training loop for the three trained networks (classifier, AffinityNet, segmentation).
+
+The model is split once into a graph definition and pure dicts of arrays:
+`params` (`nnx.Param`), `rngs` (`nnx.RngState`, passed through, never saved) and
+`rest` (every other variable, e.g. frozen BatchNorm statistics). One jitted pure
+function performs a step: it merges the model from the dicts, calls `loss_fn`, takes
+the gradient with respect to `params` and applies the optimiser. Parameters and
+optimiser state are replicated over the mesh, the batch is split on its `data` axis,
+and the train state is donated so its buffers are reused in place.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from affinity_jax import io
+from affinity_jax.errors import UserError
+from affinity_jax.training import mesh as mesh_lib
+from affinity_jax.training import optim
+from affinity_jax.training.checkpoint import Checkpointer
+
+# loss_fn(model, batch, rng, train=True) -> (scalar loss, dict of scalar metrics)
+LossFn = Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]
+
+
+class BatchIterator(Protocol):
+  """What `train` needs from the input pipeline."""
+
+  def __next__(self) -> Mapping[str, jax.Array]: ...
+  def get_state(self) -> dict: ...
+  def set_state(self, state: dict) -> None: ...
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key `train` reads, with neutral values; experiment configs override them."""
+  return ml_collections.ConfigDict(dict(
+      steps=1000,           # number of optimiser steps (the poly schedule's max_step)
+      lr=0.01,              # base learning rate (pretrained weights)
+      schedule="poly",      # "poly": lr * (1 - step/steps) ** poly_power, or "constant"
+      poly_power=0.9,
+      optimizer="sgd",      # "sgd" (the spec) or "adam" (quick CPU demos)
+      momentum=0.9,         # the reference effectively uses 5e-4; see docs/training.md
+      weight_decay=5e-4,    # L2 on weights only, added to the gradient
+      log_every=10,         # progress bar refresh (metrics.jsonl gets every step)
+      ckpt_every=500,       # checkpoint period in steps; the last step is always saved
+      keep=2,               # checkpoints kept
+      seed=0,               # base key of the per-step dropout keys
+      progress=True,        # progress bar (also off when stderr is not a terminal)
+  ))
+
+
+def _pure(state: nnx.State) -> dict:
+  return nnx.to_pure_dict(state)
+
+
+def _metrics_path(workdir: str) -> str:
+  return os.path.join(workdir, "metrics.jsonl")
+
+
+def _truncate_metrics(workdir: str, step: int) -> None:
+  """Drops log lines after the restored checkpoint so a resumed log has no duplicates."""
+  path = _metrics_path(workdir)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        keep.append(line)
+    except (ValueError, KeyError):  # A line cut by a kill.
+      pass
+  io.write_text(path, "".join(keep))
+
+
+def _batch_size(batch: Mapping[str, Any]) -> int:
+  leaves = jax.tree.leaves(batch)
+  return int(leaves[0].shape[0]) if leaves and getattr(leaves[0], "ndim", 0) else 0
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    loss_fn: LossFn, schedule: optax.Schedule, rng_state: Any,
+                    mesh: jax.sharding.Mesh) -> Callable:
+  """The jitted pure step `(state, batch, rng) -> (state, metrics)`.
+
+  `state` is `{"params", "rest", "opt_state", "step"}` (replicated, donated); `batch`
+  is split on `data`; `rng` is the replicated base key, folded with the step number.
+  `metrics` holds `loss`, `lr` and every entry of the loss function's metrics dict.
+  """
+  replicated = mesh_lib.replicated(mesh)
+
+  def step_fn(state, batch, rng):
+    key = jax.random.fold_in(rng, state["step"])
+
+    def loss_of(params):
+      model = nnx.merge(graphdef, nnx.State(params), nnx.State(rng_state),
+                        nnx.State(state["rest"]))
+      loss, metrics = loss_fn(model, batch, key, train=True)
+      _, _, _, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
+      return loss, (metrics, _pure(rest))
+
+    (loss, (metrics, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+        state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    out = dict(metrics, loss=loss, lr=schedule(state["step"]))
+    new_state = dict(params=params, rest=rest, opt_state=opt_state, step=state["step"] + 1)
+    return new_state, out
+
+  return jax.jit(step_fn,
+                 in_shardings=(replicated, mesh_lib.data_sharding(mesh), replicated),
+                 out_shardings=(replicated, replicated),
+                 donate_argnums=(0,))
+
+
+def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: Any,
+          workdir: str, frozen_prefixes: Sequence[str] = (),
+          mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
+  """Trains `model` for `config.steps` steps, resuming from `workdir/ckpt` if present.
+
+  Args:
+    model: the network; its `nnx.Param`s are trained, other variables pass through
+      (they are updated only if the model itself changes them in its call).
+    loss_fn: `loss_fn(model, batch, rng, train=True) -> (loss, metrics)`, scalar loss
+      and a dict of scalar arrays; `rng` is a fresh key per step (for dropout).
+    batches: iterator of dicts of global `jax.Array`s `[B, ...]` split on `data`, with
+      `get_state()`/`set_state()` (JSON-serialisable position).
+    config: keys of `default_config()`.
+    workdir: the stage's folder; gets `ckpt/` and `metrics.jsonl`.
+    frozen_prefixes: parameter paths that receive no updates.
+    mesh: the mesh of the batches (default: all devices).
+
+  Returns:
+    `model`, updated in place with the trained variables.
+  """
+  mesh = mesh_lib.make_mesh() if mesh is None else mesh
+  replicated = mesh_lib.replicated(mesh)
+  steps = int(config.steps)
+  os.makedirs(workdir, exist_ok=True)
+
+  graphdef, params, rng_state, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
+  params, rest = _pure(params), _pure(rest)
+  tx = optim.make_optimizer(params, config, frozen_prefixes)
+  schedule = optim.make_schedule(config)
+
+  def init_state(params, rest):
+    return dict(params=params, rest=rest, opt_state=tx.init(params),
+                step=jnp.zeros((), jnp.int32))
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      jax.eval_shape(init_state, params, rest))
+
+  ckpt = Checkpointer(os.path.join(workdir, "ckpt"), keep=config.keep,
+                      save_every=config.ckpt_every)
+  start = ckpt.latest_step()
+  if start is None:
+    # Through host memory: fresh global buffers (the model's own are never donated),
+    # and valid on several hosts as long as each holds the same values.
+    host = jax.tree.map(lambda x: jax.device_put(np.asarray(x), replicated), (params, rest))
+    state = jax.jit(init_state, out_shardings=replicated)(*host)
+    start = 0
+  else:
+    state, data_state = ckpt.restore(abstract, start)
+    batches.set_state(data_state)
+  is_main = jax.process_index() == 0
+  if is_main:
+    _truncate_metrics(workdir, start)
+
+  rng = jax.device_put(jax.random.key(int(config.seed)), replicated)
+  step_fn = make_train_step(graphdef, tx, loss_fn, schedule, nnx.to_pure_dict(rng_state), mesh)
+  show = bool(config.get("progress", True)) and sys.stderr.isatty() and is_main
+  bar = tqdm(total=steps, initial=start, disable=not show, dynamic_ncols=True,
+             desc=os.path.basename(os.path.normpath(workdir)) or "train")
+  log_every = max(int(config.log_every), 1)
+  last_t = time.perf_counter()
+
+  logged = start  # The last step written to the metrics log.
+
+  def flush(pending, f):
+    nonlocal last_t, logged
+    step, metrics, size = pending
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    now = time.perf_counter()
+    values["images_per_s"] = size / max(now - last_t, 1e-9)
+    last_t = now
+    if not math.isfinite(values["loss"]):
+      raise FloatingPointError(f"loss is {values['loss']} at step {step} in {workdir}")
+    f.write(json.dumps({"step": step, **values}) + "\n")
+    f.flush()
+    logged = step
+    bar.update(1)
+    if step % log_every == 0 or step == steps:
+      bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
+                      img_s=f"{values['images_per_s']:.1f}")
+
+  step, saved = start, start
+  pending = None  # (step, metrics, batch size): fetched after the next step is queued.
+  in_step = False  # True between taking a batch and getting the step's new state.
+  log = open(_metrics_path(workdir) if is_main else os.devnull, "a")
+  try:
+    while step < steps:
+      in_step = True
+      try:
+        batch = next(batches)
+      except StopIteration:
+        raise UserError(f"the input pipeline of {workdir} ended at step {step} of {steps}")
+      state, metrics = step_fn(state, batch, rng)
+      step += 1
+      in_step = False
+      previous, pending = pending, (step, metrics, _batch_size(batch))
+      if previous is not None:
+        flush(previous, log)
+      if step % ckpt.save_every == 0 or step == steps:
+        flush(pending, log)
+        pending = None
+        ckpt.save(step, state, batches.get_state())
+        saved = step
+    if pending is not None:
+      flush(pending, log)
+  except KeyboardInterrupt:
+    # Ctrl-C on a single host: keep the work since the last checkpoint, if the state,
+    # the iterator and the log agree on the step. (On several hosts a save is
+    # collective and the other hosts were not interrupted, so skip it.)
+    if not in_step and step > saved and jax.process_count() == 1:
+      if pending is not None and logged == step - 1:
+        flush(pending, log)
+      if logged == step:
+        ckpt.save(step, state, batches.get_state())
+    raise
+  finally:
+    log.close()
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+
+  nnx.update(model, nnx.State(state["params"]), nnx.State(state["rest"]))
+  return model

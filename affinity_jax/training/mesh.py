@@ -1,0 +1,90 @@
+"""Devices, shardings and multi-host start-up for training and inference.
+
+Everything runs on one 1-D mesh over all devices with the axis `data`: batches are
+split along their first dimension, parameters and optimiser state are replicated.
+On a TPU pod slice or several GPU hosts, `maybe_initialize_distributed` must run
+before anything else touches JAX so that `jax.devices()` lists every host's devices.
+"""
+
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from affinity_jax.errors import UserError
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices: Any = None) -> Mesh:
+  """A 1-D mesh with axis `data` over `devices` (default: every device of every host)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices).reshape(-1), (DATA_AXIS,))
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """Splits the leading (batch) dimension over the `data` axis."""
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """A full copy on every device."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def maybe_initialize_distributed(config: Any) -> bool:
+  """Calls `jax.distributed.initialize` when `config.distributed` asks for it.
+
+  `config.distributed.coordinator_address` selects the mode: empty or missing means
+  single process (nothing happens); `"auto"` lets JAX detect the cluster (TPU pod
+  slices, SLURM, Open MPI); `"host:port"` uses it together with
+  `num_processes` and `process_id`.
+
+  Args:
+    config: a ConfigDict (or anything with `.get`) that may hold `distributed`.
+
+  Returns:
+    True when `jax.distributed.initialize` was called.
+  """
+  dist = config.get("distributed") if hasattr(config, "get") else None
+  address = (dist.get("coordinator_address") if dist is not None else "") or ""
+  if not address:
+    return False
+  if address == "auto":
+    jax.distributed.initialize()
+    return True
+  num_processes = dist.get("num_processes", -1)
+  process_id = dist.get("process_id", -1)
+  if num_processes is None or num_processes < 1 or process_id is None or process_id < 0:
+    raise UserError(
+        f"config.distributed.coordinator_address={address!r} needs "
+        f"config.distributed.num_processes >= 1 and process_id >= 0 "
+        f"(got {num_processes}, {process_id}); or use coordinator_address='auto'")
+  jax.distributed.initialize(
+      coordinator_address=address, num_processes=num_processes, process_id=process_id)
+  return True
+
+
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+  """Turns this host's part of a batch into global arrays split on `data`.
+
+  Args:
+    batch: dict of host-local NumPy arrays, each `[B_local, ...]`; the global batch
+      is the concatenation over hosts in process order.
+    mesh: the training mesh.
+
+  Returns:
+    dict of `jax.Array`s `[B_local * num_processes, ...]` sharded on `data`.
+  """
+  sharding = data_sharding(mesh)
+  local_devices = mesh.local_mesh.devices.size
+  out = {}
+  for name, value in batch.items():
+    value = np.asarray(value)
+    if value.ndim == 0 or value.shape[0] % local_devices:
+      raise UserError(
+          f"batch entry {name!r} has shape {value.shape}: its first dimension must be a "
+          f"multiple of the {local_devices} local devices")
+    out[name] = jax.make_array_from_process_local_data(sharding, value)
+  return out

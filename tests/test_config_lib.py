@@ -1,0 +1,99 @@
+"""Config loading, overrides and their errors, the workdir guard, the main wrapper."""
+
+import json
+import textwrap
+
+import pytest
+
+from affinity_jax import config_lib
+from affinity_jax.errors import UserError
+
+CONFIG = textwrap.dedent('''
+    import ml_collections
+
+    def get_config(arg=None):
+      c = ml_collections.ConfigDict()
+      c.model = "resnet38"
+      c.train = ml_collections.ConfigDict(dict(lr=0.01, steps=100, log_every=10,
+                                               momentum=0.9, progress=True))
+      c.scales = (1.0, 0.5)
+      c.crf = ml_collections.ConfigDict(dict(alpha_low=4, alpha_high=32))
+      c.distributed = ml_collections.ConfigDict(dict(coordinator_address=""))
+      if arg == "tiny":
+        c.train.steps = 2
+      return c
+''')
+
+
+@pytest.fixture
+def config_file(tmp_path):
+  path = tmp_path / "exp.py"
+  path.write_text(CONFIG)
+  return str(path)
+
+
+def test_load_variant_and_overrides(config_file):
+  config = config_lib.load_config(config_file + ":tiny", {
+      "train.lr": "0.1", "train.steps": "7", "train.progress": "false",
+      "scales": "(1.0, 2.0, 0.5)", "model": "vgg16", "train.momentum": "1"})
+  assert config.train.lr == 0.1 and config.train.steps == 7 and config.train.progress is False
+  assert config.scales == (1.0, 2.0, 0.5) and config.model == "vgg16"
+  assert config.train.momentum == 1.0 and isinstance(config.train.momentum, float)
+  assert config_lib.load_config(config_file + ":tiny").train.steps == 2
+  with pytest.raises(AttributeError):  # Locked: no new keys by accident.
+    config.train.lrr = 3
+
+
+def test_unknown_keys_and_bad_values(config_file):
+  with pytest.raises(UserError, match=r"unknown config key train\.lrr; did you mean train\.lr"):
+    config_lib.load_config(config_file, {"train.lrr": "0.1"})
+  with pytest.raises(UserError, match=r"unknown config key tran\.lr"):
+    config_lib.load_config(config_file, {"tran.lr": "0.1"})
+  with pytest.raises(UserError, match=r"config key train\.steps: '1\.5' is not a valid int"):
+    config_lib.load_config(config_file, {"train.steps": "1.5"})
+  with pytest.raises(UserError, match=r"train\.progress"):
+    config_lib.load_config(config_file, {"train.progress": "maybe"})
+  with pytest.raises(UserError, match=r"config key train is a group"):
+    config_lib.load_config(config_file, {"train": "1"})
+  with pytest.raises(UserError, match="does not exist"):
+    config_lib.load_config("configs/nope.py")
+
+
+def test_command_line(config_file, tmp_path):
+  cl = config_lib.parse_command_line(
+      [f"--config={config_file}:tiny", "--workdir", str(tmp_path / "w"),
+       "--config.crf.alpha_low=8", "--mode=train_cam"], modes=("all", "train_cam"))
+  assert cl.config.crf.alpha_low == 8 and cl.mode == "train_cam"
+  assert cl.config_name == config_file + ":tiny" and cl.workdir == str(tmp_path / "w")
+  with pytest.raises(UserError, match="missing --workdir"):
+    config_lib.parse_command_line([f"--config={config_file}"])
+  with pytest.raises(UserError, match="unknown flag --wrkdir"):
+    config_lib.parse_command_line([f"--config={config_file}", "--wrkdir=x"])
+  with pytest.raises(UserError, match="unknown --mode=bogus"):
+    config_lib.parse_command_line([f"--config={config_file}", "--workdir=x", "--mode=bogus"],
+                                  modes=("all",))
+
+
+def test_workdir_guard(config_file, tmp_path):
+  workdir = str(tmp_path / "w")
+  config_lib.check_workdir(config_lib.load_config(config_file), workdir, "exp")
+  saved = json.loads((tmp_path / "w" / "config.json").read_text())
+  assert saved["config_name"] == "exp" and saved["config"]["train"]["lr"] == 0.01
+  # Free keys may differ: longer training, logging, distributed set-up.
+  longer = config_lib.load_config(config_file, {"train.steps": "300", "train.log_every": "1",
+                                                "distributed.coordinator_address": "auto"})
+  config_lib.check_workdir(longer, workdir, "exp")
+  assert json.loads((tmp_path / "w" / "config.json").read_text())["config"]["train"]["steps"] == 300
+  other = config_lib.load_config(config_file, {"train.lr": "0.1"})
+  with pytest.raises(UserError, match=rf"workdir {workdir} was written by config exp "
+                     r"\(train\.lr: 0\.01 there, 0\.1 now\); use another --workdir"):
+    config_lib.check_workdir(other, workdir, "exp2")
+
+
+def test_run_main(capsys):
+  def main(argv):
+    raise UserError(f"bad {argv[0]}")
+  with pytest.raises(SystemExit) as e:
+    config_lib.run_main(main, ["thing"])
+  assert e.value.code == 2
+  assert capsys.readouterr().err == "error: bad thing\n"
