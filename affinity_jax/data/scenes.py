@@ -188,7 +188,7 @@ def split_indices(config: ScenesConfig) -> dict[str, range]:
           "val": range(config.num_train, config.num_train + config.num_val)}
 
 
-class Scenes(tfds.core.GeneratorBasedBuilder):
+class Scenes(voc.ArrayRecordBuilder):
   """Generated scenes with discriminative parts on shared-looking bodies."""
 
   VERSION = tfds.core.Version("1.0.0")

@@ -42,7 +42,11 @@ def make_builder(dataset: str, data_dir: str, **params: Any):
     return voc.Voc12(data_dir=data_dir, file_format=tfds.core.FileFormat.ARRAY_RECORD)
   if dataset == "scenes":
     from affinity_jax.data import scenes
-    return scenes.Scenes(data_dir=data_dir, config=scenes.ScenesConfig.make(**params),
+    config = scenes.ScenesConfig.make(**params)
+    # TFDS wants the name, not an equal copy, for a config the class already lists.
+    if any(c.name == config.name for c in scenes.Scenes.BUILDER_CONFIGS):
+      config = config.name
+    return scenes.Scenes(data_dir=data_dir, config=config,
                          file_format=tfds.core.FileFormat.ARRAY_RECORD)
   raise UserError(f"dataset: unknown dataset {dataset!r}, expected one of {DATASETS}")
 

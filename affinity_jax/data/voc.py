@@ -22,6 +22,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
 
 from affinity_jax import constants
@@ -164,6 +165,20 @@ def make_example(root: str, image_id: str, mask_dir: str) -> dict:
           "id": image_id, "height": h, "width": w}
 
 
+class ArrayRecordBuilder(tfds.core.GeneratorBasedBuilder):
+  """Base of our builders: states its own code path.
+
+  TFDS otherwise locates a packaged builder through `importlib_resources`,
+  which is not installed here (and not needed for anything else).
+  """
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    import sys
+    return epath.Path(sys.modules[cls.__module__].__file__)
+
+
 def stored_features() -> tfds.features.FeaturesDict:
   """The on-disk features shared by every builder here (encoded bytes, decoded by `sources`)."""
   return tfds.features.FeaturesDict({
@@ -176,7 +191,7 @@ def stored_features() -> tfds.features.FeaturesDict:
   })
 
 
-class Voc12(tfds.core.GeneratorBasedBuilder):
+class Voc12(ArrayRecordBuilder):
   """PASCAL VOC 2012 segmentation splits (+ SBD train_aug) from a manual directory."""
 
   VERSION = tfds.core.Version("1.0.0")
