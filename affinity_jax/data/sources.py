@@ -56,8 +56,13 @@ def prepare(dataset: str, data_dir: str, manual_dir: str | None = None, **params
   import tensorflow_datasets as tfds
 
   builder = make_builder(dataset, data_dir, **params)
-  if dataset == "voc12" and not manual_dir:
-    raise UserError("manual_dir: voc12 needs the folder holding VOCdevkit/VOC2012")
+  if dataset == "voc12":
+    from affinity_jax.data import voc
+    if not manual_dir:
+      raise UserError("manual_dir: voc12 needs the folder holding VOCdevkit/VOC2012")
+    # Check the layout before TFDS starts (its own checks are multi-line asserts).
+    manual_dir = voc.find_voc_root(manual_dir)
+    voc.split_files(manual_dir)
   config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
   builder.download_and_prepare(download_config=config)
   return builder
