@@ -68,9 +68,10 @@ def colour_jitter(image: np.ndarray, rng: np.random.Generator, brightness=0.3,
       img = ImageEnhance.Contrast(img).enhance(factors[1])
     elif op == 2:
       img = ImageEnhance.Color(img).enhance(factors[2])
-    else:
+    elif (shift := int(round(factors[3] * 255))) != 0:
+      # PIL's 8-bit HSV round trip itself changes values by a few levels: skip it for no shift.
       hsv = np.array(img.convert("HSV"))
-      hsv[..., 0] = (hsv[..., 0].astype(np.int32) + int(round(factors[3] * 255))) % 256
+      hsv[..., 0] = (hsv[..., 0].astype(np.int32) + shift) % 256
       img = Image.fromarray(hsv, "HSV").convert("RGB")
   return np.asarray(img)
 
