@@ -132,6 +132,10 @@ def _break(kind, base):
     mask[0, 0] = 30
     Image.fromarray(mask).save(path)
     return f"{first}.png"
+  if kind == "duplicate_id":
+    with open(os.path.join(base, "ImageSets/Segmentation/train.txt"), "a") as f:
+      f.write(first + "\n")
+    return "train.txt"
   if kind == "sbd_without_list":
     os.remove(os.path.join(base, "ImageSets/Segmentation/train_aug.txt"))
     return "SegmentationClassAug"
@@ -140,7 +144,7 @@ def _break(kind, base):
 
 @pytest.mark.parametrize("kind", ["missing_folder", "missing_list", "no_image", "no_mask",
                                   "size_mismatch", "unreadable_image", "bad_mask_values",
-                                  "sbd_without_list"])
+                                  "duplicate_id", "sbd_without_list"])
 def test_bad_inputs_raise_user_error_naming_the_file(tmp_path, kind):
   base, _ = write_voc(str(tmp_path / "manual"), np.random.default_rng(2))
   name = _break(kind, base)

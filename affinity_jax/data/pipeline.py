@@ -159,7 +159,8 @@ class GlobalBatches:
       'data' axis size).
     seed: shuffle order and augmentation randomness.
     worker_count: grain worker processes (0 = in this process).
-    num_epochs: None repeats forever.
+    num_epochs: None repeats forever (one continuous shuffled stream: a batch
+      may hold the end of one epoch and the start of the next).
     shuffle: shuffle the records each epoch.
     drop_remainder: drop the last incomplete batch of the stream.
     process_index, process_count: default to jax's.
@@ -322,7 +323,9 @@ def restore_output(output: np.ndarray, record: PassRecord, stride: int = 1) -> n
       outputs, 8 for feature maps); the kept size is ceil(size / stride).
 
   Returns:
-    [..., ceil(h/stride), ceil(w/stride), C], unflipped.
+    [..., ceil(h/stride), ceil(w/stride), C], unflipped. Exact at stride 1; at
+    a stride that does not divide w, un-flipping mirrors whole cells, so the
+    flipped pass is off by the sub-cell remainder (as in the reference).
   """
   h, w = record.size
   oh, ow = -(-h // stride), -(-w // stride)

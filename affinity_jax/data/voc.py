@@ -56,6 +56,9 @@ def read_id_list(path: str) -> list[str]:
         ids.append(os.path.splitext(os.path.basename(tok[0]))[0])
   if not ids:
     raise UserError(f"{path}: split list file is empty")
+  if len(set(ids)) != len(ids):
+    dup = next(i for i in ids if ids.count(i) > 1)
+    raise UserError(f"{path}: id {dup} is listed twice")
   return ids
 
 
