@@ -2,6 +2,7 @@
 
 import glob
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -96,3 +97,11 @@ def test_builder_round_trip_and_bytes(tmp_path):
       assert (ex["height"], ex["width"]) == (64, 64)
       ids.add(ex["id"])
   assert len(ids) == 14
+  assert "tensorflow" not in sys.modules, "preparing and reading must not need TensorFlow"
+
+
+def test_preview_grid_shows_scenes_and_masks():
+  grid = scenes.preview(3, PARAMS, rows=1, cols=2)
+  assert grid.shape == (2 * 64 + 4, 2 * (64 + 4), 3)
+  image, mask, _ = scenes.render_scene(3, 1, PARAMS)
+  np.testing.assert_array_equal(grid[:64, 68:132], image)

@@ -102,6 +102,8 @@ def test_no_sbd_means_no_train_aug_and_voc2012_path_works(tmp_path):
   base, _ = write_voc(str(tmp_path / "manual"), np.random.default_rng(1), with_sbd=False)
   builder = sources.prepare("voc12", str(tmp_path / "data"), manual_dir=base)
   assert sorted(builder.info.splits) == ["train", "val"]
+  with pytest.raises(UserError, match="train_aug"):
+    sources.open_split("voc12", "train_aug", str(tmp_path / "data"))
 
 
 def _break(kind, base):

@@ -26,10 +26,9 @@ import dataclasses
 
 import numpy as np
 import tensorflow_datasets as tfds
-from scipy import ndimage
 
 from affinity_jax import constants
-from affinity_jax.data import voc
+from affinity_jax.data import transforms, voc
 from affinity_jax.errors import UserError
 
 PART_FRACTION = 0.15       # Part area / body area.
@@ -68,7 +67,7 @@ def _background(rng, size: int) -> np.ndarray:
   c0 = _hsv(rng, (0.35, 0.65), (0.15, 0.35), (0.25, 0.45))
   c1 = _hsv(rng, (0.35, 0.65), (0.15, 0.35), (0.45, 0.65))
   coarse = rng.uniform(0, 1, (6, 6))
-  blend = ndimage.zoom(coarse, size / 6, order=1, mode="nearest")[:size, :size, None]
+  blend = transforms.resize(coarse.astype(np.float32), (size, size), "bilinear")[..., None]
   noise = rng.normal(0, 8, (size, size, 1))
   return c0 * (1 - blend) + c1 * blend + noise
 
@@ -157,6 +156,21 @@ def render_scene(seed: int, index: int, params: SceneParams = SceneParams()):
     return render_scene(seed, index + 1_000_003, params)
   image = np.clip(np.round(image + rng.normal(0, 3, image.shape)), 0, 255).astype(np.uint8)
   return image, mask, labels
+
+
+def preview(seed: int = 0, params: SceneParams = SceneParams(), rows: int = 4,
+            cols: int = 6) -> np.ndarray:
+  """A grid of scenes (top) over their masks in the VOC palette (bottom), uint8 [H,W,3]."""
+  s, gap = params.image_size, 4
+  palette = constants.voc_palette()
+  grid = np.full((rows * (2 * s + gap), cols * (s + gap), 3), 255, np.uint8)
+  for r in range(rows):
+    for c in range(cols):
+      image, mask, _ = render_scene(seed, r * cols + c, params)
+      y, x = r * (2 * s + gap), c * (s + gap)
+      grid[y:y + s, x:x + s] = image
+      grid[y + s:y + 2 * s, x:x + s] = palette[mask]
+  return grid
 
 
 @dataclasses.dataclass
