@@ -59,7 +59,8 @@ def class_colour(label: int, num_classes: int) -> np.ndarray:
 
 
 def _hsv(rng, h, s, v) -> np.ndarray:
-  return np.array(colorsys.hsv_to_rgb(rng.uniform(*h) % 1.0, rng.uniform(*s), rng.uniform(*v))) * 255
+  rgb = colorsys.hsv_to_rgb(rng.uniform(*h) % 1.0, rng.uniform(*s), rng.uniform(*v))
+  return np.array(rgb) * 255
 
 
 def _background(rng, size: int) -> np.ndarray:
@@ -89,7 +90,8 @@ def _place_object(rng, size, yy, xx):
   theta = rng.uniform(0, np.pi)
   cy, cx = rng.uniform(0.1, 0.9, 2) * size
   rot = np.array([[np.cos(theta), np.sin(theta)], [-np.sin(theta), np.cos(theta)]])
-  u, v = rot[0, 0] * (xx - cx) + rot[0, 1] * (yy - cy), rot[1, 0] * (xx - cx) + rot[1, 1] * (yy - cy)
+  u = rot[0, 0] * (xx - cx) + rot[0, 1] * (yy - cy)
+  v = rot[1, 0] * (xx - cx) + rot[1, 1] * (yy - cy)
   body = (u / r_major) ** 2 + (v / r_minor) ** 2 <= 1.0
   r_part = np.sqrt(PART_FRACTION * r_major * r_minor)
   # Part centre: uniform in the ellipse shrunk by the part radius (then clipped to the body).
@@ -131,7 +133,8 @@ def render_scene(seed: int, index: int, params: SceneParams = SceneParams()):
         continue
       new_owner = np.where(body_in, len(bodies), owner)
       # Keep the scene only if every object (this one included) stays visible enough.
-      visible = all((new_owner[p] == i).mean() >= MIN_PART_VISIBLE for i, p in enumerate(parts + [part_in]))
+      visible = all((new_owner[p] == i).mean() >= MIN_PART_VISIBLE
+                    for i, p in enumerate(parts + [part_in]))
       visible = visible and all((new_owner[b] == i).mean() >= MIN_BODY_VISIBLE
                                 for i, b in enumerate(bodies + [body_in]))
       if visible:
@@ -216,7 +219,8 @@ class Scenes(voc.ArrayRecordBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager
     self.builder_config.params.check()
-    return {name: self._generate_examples(idx) for name, idx in split_indices(self.builder_config).items()}
+    return {name: self._generate_examples(idx)
+            for name, idx in split_indices(self.builder_config).items()}
 
   def _generate_examples(self, indices):
     cfg = self.builder_config

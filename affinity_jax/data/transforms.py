@@ -37,7 +37,13 @@ def scaled_long_side_range(crop_size: int, base=(256, 512), base_crop: int = 448
 
 
 def resize(array: np.ndarray, size_hw: tuple[int, int], method: str) -> np.ndarray:
-  """Resizes a uint8 [H,W] / [H,W,3] or float32 [H,W] array with PIL ('bicubic'|'nearest'|'bilinear')."""
+  """Resizes uint8 [H,W] / [H,W,3] or float32 [H,W] / [H,W,C] with PIL.
+
+  Args:
+    array: the array to resize.
+    size_hw: output (height, width).
+    method: 'bicubic', 'nearest' or 'bilinear'.
+  """
   h, w = size_hw
   if array.shape[:2] == (h, w):
     return array
