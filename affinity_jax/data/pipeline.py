@@ -1,0 +1,337 @@
+"""The input pipelines of every stage: grain loaders and global sharded batches.
+
+Training pipelines (classification, affinity, segmentation) read a random-access
+source of example dicts (`sources.open_split`), apply a per-example random
+augmentation (a grain `RandomMapTransform`, NumPy only, run in `worker_count`
+worker processes) and batch. Each process reads its own shard of the records
+(`jax.process_index` / `jax.process_count`) and its local batches are assembled
+into global `jax.Array`s sharded on the mesh's `data` axis.
+
+The stream is a pure function of the seed and the worker count: grain draws
+the shuffle order and a per-record random generator from the seed, and each
+worker builds whole batches from every `worker_count`-th record.
+`GlobalBatches.get_state()` returns a JSON-serialisable dict of the position;
+`set_state` on a fresh iterator with the same arguments resumes the stream
+exactly. With worker_count > 0, grain starts worker processes with `spawn`, so
+the main script needs the usual `if __name__ == "__main__":` guard.
+
+Inference inputs (`multiscale_inputs`) are the spec's 8 passes (4 scales x
+flip), each padded to a multiple of 8 with a record of the padding, and
+`restore_output` crops and un-flips a network output back to the scaled image.
+"""
+
+import dataclasses
+import json
+from typing import Any, Callable, Iterator, Sequence
+
+import grain.python as grain
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from affinity_jax import constants
+from affinity_jax.data import transforms
+from affinity_jax.errors import UserError
+
+CrfLoader = Callable[[str], tuple[np.ndarray, np.ndarray, np.ndarray]]
+MaskLoader = Callable[[str], np.ndarray]
+INFERENCE_SCALES = (1.0, 0.5, 1.5, 2.0)
+
+
+# ----------------------------------------------------------------------------- augmentations
+
+
+def _check_size(example: dict, array: np.ndarray, what: str) -> None:
+  if array.shape[:2] != example["image"].shape[:2]:
+    raise UserError(f"{what} of {example['id']}: size {array.shape[:2]} differs from the "
+                    f"image's {example['image'].shape[:2]}")
+
+
+@dataclasses.dataclass
+class ClassificationAugment(grain.RandomMapTransform):
+  """Random long-side resize (bicubic), flip, colour jitter, normalise, crop with zero fill.
+
+  Output: {image f32 [S,S,3], labels f32 [20]}.
+  """
+  crop_size: int = 448
+  long_side: tuple[int, int] | None = None   # None: (256, 512) scaled by crop_size / 448.
+  normalization: str = "imagenet_rgb"
+  jitter: bool = True
+
+  def random_map(self, example: dict, rng: np.random.Generator) -> dict:
+    image = _resize_flip_jitter(example["image"], None, rng, self.crop_size, self.long_side,
+                                self.jitter)[0]
+    x = transforms.normalize(image, self.normalization)
+    box = transforms.random_crop_box(*x.shape[:2], self.crop_size, rng)
+    return {"image": transforms.apply_crop(x, box, self.crop_size, 0.0),
+            "labels": example["labels"].astype(np.float32)}
+
+
+@dataclasses.dataclass
+class SegmentationAugment(grain.RandomMapTransform):
+  """Classification's augmentations applied jointly to the image and a pseudo mask.
+
+  The mask comes from `mask_loader(id) -> uint8 [H,W]` (None: the example's own
+  mask), is resized with nearest neighbours and padded with 255.
+  Output: {image f32 [S,S,3], mask uint8 [S,S]}.
+  """
+  mask_loader: MaskLoader | None = None
+  crop_size: int = 448
+  long_side: tuple[int, int] | None = None
+  normalization: str = "imagenet_rgb"
+  jitter: bool = True
+
+  def random_map(self, example: dict, rng: np.random.Generator) -> dict:
+    if self.mask_loader is None:
+      mask = example["mask"]
+    else:
+      mask = np.asarray(self.mask_loader(example["id"]), np.uint8)
+      _check_size(example, mask, "pseudo mask")
+    image, mask = _resize_flip_jitter(example["image"], mask, rng, self.crop_size,
+                                      self.long_side, self.jitter)
+    x = transforms.normalize(image, self.normalization)
+    box = transforms.random_crop_box(*x.shape[:2], self.crop_size, rng)
+    return {"image": transforms.apply_crop(x, box, self.crop_size, 0.0),
+            "mask": transforms.apply_crop(mask, box, self.crop_size, constants.IGNORE)}
+
+
+@dataclasses.dataclass
+class AffinityAugment(grain.RandomMapTransform):
+  """Joint flip and crop of the image and its CRF marginals, then the 1/8 label map.
+
+  No rescaling (the spec). `crf_loader(id) -> (la [H,W,L] f32, ha [H,W,L] f32,
+  keys [L] int)`. Output: {image f32 [S,S,3], label_map uint8 [S/8,S/8]}.
+  """
+  crf_loader: CrfLoader = None
+  crop_size: int = 448
+  normalization: str = "imagenet_rgb"
+  jitter: bool = True
+  stride: int = 8
+
+  def random_map(self, example: dict, rng: np.random.Generator) -> dict:
+    if self.crop_size % self.stride:
+      raise UserError(f"crop_size: {self.crop_size} is not a multiple of {self.stride}")
+    la, ha, keys = self.crf_loader(example["id"])
+    _check_size(example, la, "CRF la")
+    _check_size(example, ha, "CRF ha")
+    image = example["image"]
+    if rng.uniform() < 0.5:
+      image, la, ha = image[:, ::-1], la[:, ::-1], ha[:, ::-1]
+    if self.jitter:
+      image = transforms.colour_jitter(np.ascontiguousarray(image), rng)
+    x = transforms.normalize(image, self.normalization)
+    box = transforms.random_crop_box(*x.shape[:2], self.crop_size, rng)
+    s = self.crop_size
+    la_c = transforms.apply_crop(np.asarray(la, np.float32), box, s, 0.0)
+    ha_c = transforms.apply_crop(np.asarray(ha, np.float32), box, s, 0.0)
+    return {"image": transforms.apply_crop(x, box, s, 0.0),
+            "label_map": transforms.label_map_from_crf(la_c, ha_c, keys, self.stride)}
+
+
+def _resize_flip_jitter(image, mask, rng, crop_size, long_side, jitter):
+  """Shared first half of the classification / segmentation augmentation (uint8 in and out)."""
+  lo, hi = long_side or transforms.scaled_long_side_range(crop_size)
+  size = transforms.long_side_size(*image.shape[:2], int(rng.integers(lo, hi + 1)))
+  image = transforms.resize(image, size, "bicubic")
+  if mask is not None:
+    mask = transforms.resize(mask, size, "nearest")
+  if rng.uniform() < 0.5:
+    image = image[:, ::-1]
+    mask = None if mask is None else np.ascontiguousarray(mask[:, ::-1])
+  image = np.ascontiguousarray(image)
+  if jitter:
+    image = transforms.colour_jitter(image, rng)
+  return image, mask
+
+
+# ----------------------------------------------------------------------------- global batches
+
+
+class GlobalBatches:
+  """An endless (or `num_epochs`-long) iterator of global batches sharded on `data`.
+
+  Args:
+    source: random-access source of example dicts (len + getitem; picklable
+      when worker_count > 0, as are the transform and its loaders).
+    transform: the per-example grain transform (e.g. `ClassificationAugment`).
+    mesh: the device mesh; batches are sharded over its 'data' axis.
+    batch_size: global batch size (divisible by the process count and by the
+      'data' axis size).
+    seed: shuffle order and augmentation randomness.
+    worker_count: grain worker processes (0 = in this process).
+    num_epochs: None repeats forever (one continuous shuffled stream: a batch
+      may hold the end of one epoch and the start of the next).
+    shuffle: shuffle the records each epoch.
+    drop_remainder: drop the last incomplete batch of the stream.
+    process_index, process_count: default to jax's.
+  """
+
+  def __init__(self, source, transform, *, mesh: Mesh, batch_size: int, seed: int,
+               worker_count: int = 0, num_epochs: int | None = None, shuffle: bool = True,
+               drop_remainder: bool = True, process_index: int | None = None,
+               process_count: int | None = None):
+    self.process_index = jax.process_index() if process_index is None else process_index
+    self.process_count = jax.process_count() if process_count is None else process_count
+    data_size = mesh.shape["data"]
+    if batch_size % self.process_count or batch_size % data_size:
+      raise UserError(f"batch_size: {batch_size} is not divisible by the process count "
+                      f"{self.process_count} and the 'data' axis size {data_size}")
+    if len(source) < batch_size:
+      raise UserError(f"batch_size: {batch_size} exceeds the {len(source)} examples of {source}")
+    self.mesh = mesh
+    self.batch_size = batch_size
+    self.local_batch_size = batch_size // self.process_count
+    self.sharding = NamedSharding(mesh, PartitionSpec("data"))
+    sampler = grain.IndexSampler(
+        num_records=len(source), num_epochs=num_epochs, shuffle=shuffle, seed=seed,
+        shard_options=grain.ShardOptions(self.process_index, self.process_count,
+                                         drop_remainder=True))
+    if worker_count > 0:
+      _absl_flags_parsed()
+    self._loader = grain.DataLoader(
+        data_source=source, sampler=sampler, worker_count=worker_count,
+        operations=[transform, grain.Batch(self.local_batch_size, drop_remainder=drop_remainder)])
+    self.steps_per_epoch = (len(source) // self.process_count) // self.local_batch_size
+    self._it = iter(self._loader)
+
+  def __iter__(self) -> Iterator[dict[str, jax.Array]]:
+    return self
+
+  def next_local(self) -> dict[str, np.ndarray]:
+    """This process's part of the next global batch, as NumPy."""
+    return next(self._it)
+
+  def __next__(self) -> dict[str, jax.Array]:
+    return self.to_global(self.next_local())
+
+  def to_global(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Assembles per-process batches into global arrays sharded on 'data'."""
+    return {k: jax.make_array_from_process_local_data(
+        self.sharding, v, (self.batch_size,) + v.shape[1:]) for k, v in local.items()}
+
+  def get_state(self) -> dict[str, Any]:
+    """The stream position, JSON-serialisable (save it with the checkpoint)."""
+    return json.loads(self._it.get_state().decode("utf-8"))
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Moves to a position from `get_state` (same source, transform and arguments)."""
+    self._it.set_state(json.dumps(state).encode("utf-8"))
+
+
+def _absl_flags_parsed() -> None:
+  """Grain's worker processes read absl flags; programs without absl never parse them."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def classification_batches(source, *, mesh: Mesh, batch_size: int, seed: int,
+                           crop_size: int = 448, long_side: tuple[int, int] | None = None,
+                           normalization: str = "imagenet_rgb", jitter: bool = True,
+                           **kw) -> GlobalBatches:
+  """Batches {image f32 [B,S,S,3], labels f32 [B,20]}; `kw` go to `GlobalBatches`."""
+  t = ClassificationAugment(crop_size, long_side, normalization, jitter)
+  return GlobalBatches(source, t, mesh=mesh, batch_size=batch_size, seed=seed, **kw)
+
+
+def affinity_batches(source, crf_loader: CrfLoader, *, mesh: Mesh, batch_size: int,
+                     seed: int, crop_size: int = 448, normalization: str = "imagenet_rgb",
+                     jitter: bool = True, **kw) -> GlobalBatches:
+  """Batches {image f32 [B,S,S,3], label_map uint8 [B,S/8,S/8]}."""
+  t = AffinityAugment(crf_loader, crop_size, normalization, jitter)
+  return GlobalBatches(source, t, mesh=mesh, batch_size=batch_size, seed=seed, **kw)
+
+
+def segmentation_batches(source, mask_loader: MaskLoader | None, *, mesh: Mesh,
+                         batch_size: int, seed: int, crop_size: int = 448,
+                         long_side: tuple[int, int] | None = None,
+                         normalization: str = "imagenet_rgb", jitter: bool = True,
+                         **kw) -> GlobalBatches:
+  """Batches {image f32 [B,S,S,3], mask uint8 [B,S,S]} (mask padded with 255)."""
+  t = SegmentationAugment(mask_loader, crop_size, long_side, normalization, jitter)
+  return GlobalBatches(source, t, mesh=mesh, batch_size=batch_size, seed=seed, **kw)
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def process_indices(num_records: int, process_index: int | None = None,
+                    process_count: int | None = None) -> range:
+  """The record indices this process handles at inference (every record exactly once overall)."""
+  pid = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  return range(pid, num_records, count)
+
+
+def iterate_examples(source, process_index: int | None = None,
+                     process_count: int | None = None) -> Iterator[dict]:
+  """This process's examples of a split, in order (for inference stages)."""
+  for i in process_indices(len(source), process_index, process_count):
+    yield source[i]
+
+
+@dataclasses.dataclass(frozen=True)
+class PassRecord:
+  """How one inference input was made from the original image.
+
+  Attributes:
+    scale: resize factor of this pass.
+    flip: whether the input is horizontally flipped.
+    size: (h, w) of the scaled image before padding.
+    pad: (bottom, right) zero padding added to reach a multiple of `multiple`.
+  """
+  scale: float
+  flip: bool
+  size: tuple[int, int]
+  pad: tuple[int, int]
+
+
+def multiscale_inputs(image: np.ndarray, normalization: str,
+                      scales: Sequence[float] = INFERENCE_SCALES, flip: bool = True,
+                      multiple: int = 8) -> list[tuple[np.ndarray, PassRecord]]:
+  """The inference passes of one image: each scale, unflipped then flipped.
+
+  Args:
+    image: uint8 [H,W,3].
+    normalization: 'imagenet_rgb' or 'caffe_bgr'.
+    scales: resize factors (bicubic); (1.0, 0.5, 1.5, 2.0) by default.
+    flip: also emit the flipped version of every scale.
+    multiple: pad height and width (bottom/right, zeros after normalisation) to this.
+
+  Returns:
+    [(input f32 [1,Hp,Wp,3], PassRecord)], 2 * len(scales) entries when flip.
+  """
+  h, w = image.shape[:2]
+  passes = []
+  for s in scales:
+    size = (max(1, round(h * s)), max(1, round(w * s)))
+    x = transforms.normalize(transforms.resize(image, size, "bicubic"), normalization)
+    for f in ((False, True) if flip else (False,)):
+      xf = x[:, ::-1] if f else x
+      padded, pad = transforms.pad_to_multiple(xf, multiple, 0.0)
+      passes.append((padded[None], PassRecord(float(s), f, size, pad)))
+  return passes
+
+
+def restore_output(output: np.ndarray, record: PassRecord, stride: int = 1) -> np.ndarray:
+  """Crops the padding off a network output of one pass and undoes its flip.
+
+  Args:
+    output: [..., Hp/stride, Wp/stride, C] for the padded input of `record`.
+    record: that pass's `PassRecord`.
+    stride: the output's stride relative to the input (1 for full-resolution
+      outputs, 8 for feature maps); the kept size is ceil(size / stride).
+
+  Returns:
+    [..., ceil(h/stride), ceil(w/stride), C], unflipped. Exact at stride 1; at
+    a stride that does not divide w, un-flipping mirrors whole cells, so the
+    flipped pass is off by the sub-cell remainder (as in the reference).
+  """
+  h, w = record.size
+  oh, ow = -(-h // stride), -(-w // stride)
+  out = output[..., :oh, :ow, :]
+  if record.flip:
+    # Flipping then right-padding means the image occupies the left of the flipped input;
+    # mirror the kept part back.
+    out = out[..., :, ::-1, :]
+  return out

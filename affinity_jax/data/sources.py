@@ -1,0 +1,127 @@
+"""Preparing and opening the TFDS datasets, and decoding their examples.
+
+`prepare` writes a dataset (array_record) under an explicit `data_dir`;
+`open_split` reads one split back with `tfds` data sources (no TensorFlow)
+and decodes it into the example dict of docs/design.md:
+
+  image uint8 [H, W, 3], mask uint8 [H, W] (all 255 when the split has no mask),
+  labels uint8 [20] multi-hot, id str, height int, width int.
+
+The returned source is a grain `RandomAccessDataSource`, so decoding runs in
+grain's worker processes.
+"""
+
+import io
+import os
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from affinity_jax.errors import UserError
+
+DATASETS = ("voc12", "scenes")
+
+
+def make_builder(dataset: str, data_dir: str, **params: Any):
+  """Returns the TFDS builder of `dataset` ('voc12' or 'scenes') under `data_dir`.
+
+  Args:
+    dataset: 'voc12' or 'scenes'.
+    data_dir: where prepared datasets live (never defaults to ~/tensorflow_datasets).
+    **params: for 'scenes', `ScenesConfig` fields (image_size, num_train, ...).
+  """
+  import tensorflow_datasets as tfds  # Heavy import, only where needed.
+
+  if not data_dir:
+    raise UserError("data_dir: an explicit data directory is required")
+  if dataset == "voc12":
+    from affinity_jax.data import voc
+    if params:
+      raise UserError(f"voc12 takes no parameters, got {sorted(params)}")
+    return voc.Voc12(data_dir=data_dir, file_format=tfds.core.FileFormat.ARRAY_RECORD)
+  if dataset == "scenes":
+    from affinity_jax.data import scenes
+    config = scenes.ScenesConfig.make(**params)
+    # TFDS wants the name, not an equal copy, for a config the class already lists.
+    if any(c.name == config.name for c in scenes.Scenes.BUILDER_CONFIGS):
+      config = config.name
+    return scenes.Scenes(data_dir=data_dir, config=config,
+                         file_format=tfds.core.FileFormat.ARRAY_RECORD)
+  raise UserError(f"dataset: unknown dataset {dataset!r}, expected one of {DATASETS}")
+
+
+def prepare(dataset: str, data_dir: str, manual_dir: str | None = None, **params: Any):
+  """Prepares `dataset` under `data_dir` (a no-op when already prepared); returns the builder."""
+  import tensorflow_datasets as tfds
+
+  builder = make_builder(dataset, data_dir, **params)
+  if dataset == "voc12":
+    from affinity_jax.data import voc
+    if not manual_dir:
+      raise UserError("manual_dir: voc12 needs the folder holding VOCdevkit/VOC2012")
+    # Check the layout before TFDS starts (its own checks are multi-line asserts).
+    manual_dir = voc.find_voc_root(manual_dir)
+    voc.split_files(manual_dir)
+  config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+  builder.download_and_prepare(download_config=config)
+  return builder
+
+
+class DecodedSource:
+  """A TFDS array_record split whose examples are decoded to NumPy (grain data source)."""
+
+  def __init__(self, dataset: str, split: str, data_dir: str, **params: Any):
+    self._args = (dataset, split, data_dir, params)
+    self._source = None
+    builder = make_builder(dataset, data_dir, **params)
+    if not builder.is_prepared():
+      raise UserError(f"{builder.data_dir}: dataset {dataset} is not prepared; run "
+                      f"python -m affinity_jax.data.prepare --dataset={dataset} ...")
+    if split not in builder.info.splits:
+      raise UserError(f"split: {dataset} has no split {split!r} "
+                      f"(has {sorted(builder.info.splits)})")
+    self._length = builder.info.splits[split].num_examples
+    self._builder_dir = os.fspath(builder.data_dir)
+
+  def _open(self):
+    if self._source is None:
+      import tensorflow_datasets as tfds
+      builder = tfds.builder_from_directory(self._builder_dir)
+      self._source = builder.as_data_source(split=self._args[1])
+    return self._source
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int) -> dict:
+    return decode_example(self._open()[int(index)])
+
+  def __getstate__(self):
+    # Worker processes reopen the files themselves.
+    state = dict(self.__dict__)
+    state["_source"] = None
+    return state
+
+  def __repr__(self) -> str:
+    return f"DecodedSource({self._args[0]}, {self._args[1]}, n={self._length})"
+
+
+def open_split(dataset: str, split: str, data_dir: str, **params: Any) -> DecodedSource:
+  """Opens a prepared split as a random-access source of decoded example dicts."""
+  return DecodedSource(dataset, split, data_dir, **params)
+
+
+def decode_example(raw: dict) -> dict:
+  """Decodes a stored example (encoded bytes) into the example dict of docs/design.md."""
+  image = np.asarray(Image.open(io.BytesIO(raw["image"])).convert("RGB"), np.uint8)
+  h, w = image.shape[:2]
+  if raw["mask"]:
+    mask = np.asarray(Image.open(io.BytesIO(raw["mask"])), np.uint8)
+  else:
+    mask = np.full((h, w), 255, np.uint8)
+  image_id = raw["id"]
+  if isinstance(image_id, bytes):
+    image_id = image_id.decode("utf-8")
+  return {"image": image, "mask": mask, "labels": np.asarray(raw["labels"], np.uint8),
+          "id": image_id, "height": int(raw["height"]), "width": int(raw["width"])}
