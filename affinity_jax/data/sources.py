@@ -97,6 +97,11 @@ class DecodedSource:
   def __getitem__(self, index: int) -> dict:
     return decode_example(self._open()[int(index)])
 
+  def ids(self) -> list[str]:
+    """Every example's id, in order, without decoding images."""
+    source = self._open()
+    return [_text(source[i]["id"]) for i in range(self._length)]
+
   def __getstate__(self):
     # Worker processes reopen the files themselves.
     state = dict(self.__dict__)
@@ -120,8 +125,10 @@ def decode_example(raw: dict) -> dict:
     mask = np.asarray(Image.open(io.BytesIO(raw["mask"])), np.uint8)
   else:
     mask = np.full((h, w), 255, np.uint8)
-  image_id = raw["id"]
-  if isinstance(image_id, bytes):
-    image_id = image_id.decode("utf-8")
+  image_id = _text(raw["id"])
   return {"image": image, "mask": mask, "labels": np.asarray(raw["labels"], np.uint8),
           "id": image_id, "height": int(raw["height"]), "width": int(raw["width"])}
+
+
+def _text(value: str | bytes) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else value

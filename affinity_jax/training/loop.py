@@ -125,6 +125,57 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                  donate_argnums=(0,))
 
 
+def _state_fns(tx: optax.GradientTransformation, params: dict, rest: dict,
+               sharding: jax.sharding.Sharding) -> tuple[Callable, Any]:
+  """The train state's constructor and its abstract (shape, dtype, sharding) tree."""
+  def init_state(params, rest):
+    return dict(params=params, rest=rest, opt_state=tx.init(params),
+                step=jnp.zeros((), jnp.int32))
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      jax.eval_shape(init_state, params, rest))
+  return init_state, abstract
+
+
+def _checkpointer(workdir: str, config: Any) -> Checkpointer:
+  return Checkpointer(os.path.join(workdir, "ckpt"), keep=config.keep,
+                      save_every=config.ckpt_every)
+
+
+def latest_step(workdir: str, config: Any) -> int | None:
+  """The step of the newest checkpoint in `workdir/ckpt` (None when there is none)."""
+  ckpt = _checkpointer(workdir, config)
+  try:
+    return ckpt.latest_step()
+  finally:
+    ckpt.close()
+
+
+def restore_model(model: nnx.Module, config: Any, workdir: str,
+                  frozen_prefixes: Sequence[str] = (),
+                  mesh: jax.sharding.Mesh | None = None) -> int | None:
+  """Loads the newest checkpoint `train` wrote in `workdir` into `model` (for inference).
+
+  Returns:
+    The checkpoint's step, or None (model unchanged) when there is no checkpoint.
+  """
+  mesh = mesh_lib.make_mesh() if mesh is None else mesh
+  _, params, _, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
+  params, rest = _pure(params), _pure(rest)
+  tx = optim.make_optimizer(params, config, frozen_prefixes)
+  _, abstract = _state_fns(tx, params, rest, mesh_lib.replicated(mesh))
+  ckpt = _checkpointer(workdir, config)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      return None
+    state, _ = ckpt.restore(abstract, step)
+  finally:
+    ckpt.close()
+  nnx.update(model, nnx.State(state["params"]), nnx.State(state["rest"]))
+  return step
+
+
 def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: Any,
           workdir: str, frozen_prefixes: Sequence[str] = (),
           mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
@@ -154,16 +205,8 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: An
   params, rest = _pure(params), _pure(rest)
   tx = optim.make_optimizer(params, config, frozen_prefixes)
   schedule = optim.make_schedule(config)
-
-  def init_state(params, rest):
-    return dict(params=params, rest=rest, opt_state=tx.init(params),
-                step=jnp.zeros((), jnp.int32))
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-      jax.eval_shape(init_state, params, rest))
-
-  ckpt = Checkpointer(os.path.join(workdir, "ckpt"), keep=config.keep,
-                      save_every=config.ckpt_every)
+  init_state, abstract = _state_fns(tx, params, rest, replicated)
+  ckpt = _checkpointer(workdir, config)
   start = ckpt.latest_step()
   if start is None:
     # Through host memory: fresh global buffers (the model's own are never donated),

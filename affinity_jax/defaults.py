@@ -1,0 +1,114 @@
+"""Every config key of an experiment, with the paper's settings as defaults.
+
+Each file in `configs/` starts from `base_config()` and changes what its experiment
+needs. Keys cannot be added afterwards (configs are locked), so this function is the
+one list of what can be set; `docs/configs.md` explains each group.
+"""
+
+import ml_collections
+
+from affinity_jax.training import loop
+
+
+def _train(**overrides) -> ml_collections.ConfigDict:
+  config = loop.default_config()
+  config.update(overrides)
+  return config
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The reference ResNet-38 settings on VOC 2012 (spec: ../shared/spec/affinitynet.md)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="voc12",              # "voc12" or "scenes"
+      manual_dir="",             # voc12: the VOCdevkit (or VOC2012) folder you prepared
+      data_dir="",               # prepared TFDS datasets; "" = <workdir>/tfds
+      train_split="train_aug",   # classifier and AffinityNet training
+      label_split="train_aug",   # images that get CAMs, CRF labels and pseudo masks
+      eval_split="train",        # pseudo masks scored against ground truth here
+      seg_eval_split="val",      # segmentation net scored here
+      num_workers=2,             # grain worker processes for decoding and augmentation
+      scenes=ml_collections.ConfigDict(dict(  # the generated dataset (name="scenes")
+          num_train=400, num_val=100, image_size=128, num_classes=5, seed=0)),
+  ))
+
+  c.model = ml_collections.ConfigDict(dict(
+      backbone="resnet38",       # resnet38 | vgg16 | lite0 | tiny
+      pretrained="",             # weights file (.pth/.params/.h5) or converted checkpoint
+      norm="frozen",             # frozen (inference statistics, the spec) | batch
+  ))
+
+  c.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address="",    # "" single process, "auto" (TPU pods, SLURM), "host:port"
+      num_processes=0,
+      process_id=-1,
+  ))
+
+  # Stage 1: classifier. 15 epochs of train_aug (10,582 images) at batch 16.
+  c.cam = ml_collections.ConfigDict(dict(
+      batch_size=16,
+      crop=448,
+      resize_long=(256, 512),    # random long side before the crop
+      scales=(1.0, 0.5, 1.5, 2.0),  # inference scales, each also flipped
+      train=_train(steps=9920, lr=0.01, momentum=0.9),
+  ))
+
+  # Stage 2: dense CRF on the host, low and high background power.
+  c.crf = ml_collections.ConfigDict(dict(
+      la_alpha=4.0,
+      ha_alpha=32.0,             # the code's value; the paper says 24
+      num_workers=2,             # CRF worker processes
+  ))
+
+  # Stage 3: AffinityNet. 8 epochs of train_aug at batch 8.
+  c.aff = ml_collections.ConfigDict(dict(
+      batch_size=8,
+      crop=448,
+      radius=5,
+      border="full",             # "full": every pair inside the crop; "reference": psa's
+      train=_train(steps=10580, lr=0.1, momentum=0.9),
+  ))
+
+  # Stage 4: random walk.
+  c.rw = ml_collections.ConfigDict(dict(
+      alpha=16.0,                # background power of the walk's input
+      beta=8.0,                  # Hadamard power of the affinities
+      t=256,                     # walk length (the reference squares 8 times: 2^8)
+      radius=5,
+      border="full",             # "full": every pixel gets edges; "reference": psa's rule
+      batch_size=4,              # images per device call, padded to the largest
+      dcrf=True,                 # also write CAM+RW+dCRF labels (the paper's third row)
+  ))
+
+  # Stage 5: segmentation network on the pseudo masks.
+  c.seg = ml_collections.ConfigDict(dict(
+      enabled=True,
+      batch_size=16,
+      crop=448,
+      resize_long=(256, 512),
+      train=_train(steps=6000, lr=0.01, momentum=0.9),
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      cam_threshold=0.15,        # constant background score for the CAM-only labels
+      num_overlays=6,            # images in eval/overlays.png
+  ))
+  return c
+
+
+def shrink_for_smoke_test(c: ml_collections.ConfigDict) -> None:
+  """Turns a VOC config into its `tiny` variant: train split only, tiny crops, 2 steps."""
+  c.data.train_split = c.data.label_split = c.data.eval_split = "train"
+  c.data.num_workers = 0
+  c.cam.scales = (1.0,)
+  c.crf.num_workers = 0
+  c.rw.t = 8
+  c.rw.dcrf = False
+  c.seg.enabled = False
+  for stage in (c.cam, c.aff, c.seg):
+    stage.batch_size = 8
+    stage.crop = 64
+    stage.train.update(steps=2, ckpt_every=1, log_every=1)
+  c.cam.resize_long = c.seg.resize_long = (48, 80)

@@ -1,0 +1,99 @@
+"""Stage 1: train the classifier (`train_cam`) and infer multi-scale CAMs (`infer_cam`)."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from affinity_jax import io
+from affinity_jax.data import pipeline
+from affinity_jax.ops import cam as cam_ops
+from affinity_jax.stages import common
+from affinity_jax.training import loop
+
+
+def classification_loss(model, batch, rng, train=True):
+  """Multi-label soft margin: the mean over classes and images of the sigmoid BCE."""
+  logits, _ = model(batch["image"], train=train, key=rng)
+  labels = batch["labels"][:, :logits.shape[-1]].astype(jnp.float32)
+  loss = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels))
+  accuracy = jnp.mean((logits > 0) == (labels > 0.5))
+  return loss, {"label_accuracy": accuracy}
+
+
+def train_done(ctx: common.Context) -> bool:
+  step = loop.latest_step(ctx.path("cam"), ctx.config.cam.train)
+  return step is not None and step >= ctx.config.cam.train.steps
+
+
+def train(ctx: common.Context) -> None:
+  c = ctx.config
+  model = ctx.make_model("cam")
+  batches = pipeline.classification_batches(
+      ctx.split(c.data.train_split), mesh=ctx.mesh, batch_size=c.cam.batch_size,
+      seed=c.seed, crop_size=c.cam.crop, long_side=tuple(c.cam.resize_long),
+      normalization=common.normalization(model), worker_count=c.data.num_workers)
+  loop.train(model, classification_loss, batches, c.cam.train, ctx.path("cam"),
+             model.backbone.frozen_prefixes, ctx.mesh)
+
+
+def infer_done(ctx: common.Context) -> bool:
+  return os.path.exists(_marker(ctx))
+
+
+def _marker(ctx: common.Context) -> str:
+  return ctx.path("cam_maps", f"DONE-{jax.process_index()}")
+
+
+def infer(ctx: common.Context) -> None:
+  """Writes `cam_maps/<id>.npz`: the merged 8-pass CAMs of each image's present classes."""
+  c = ctx.config
+  model = ctx.trained_model("cam")
+  graphdef, state = nnx.split(model)
+  norm = common.normalization(model)
+
+  @jax.jit
+  def forward(state, x):
+    _, aux = nnx.merge(graphdef, state)(x, train=False)
+    return aux["cams"]
+
+  merge = jax.jit(cam_ops.merge_cams, static_argnames=("plan", "size"))
+  out_dir = ctx.path("cam_maps")
+  for image_id in tqdm(ctx.label_ids(), desc="infer_cam", disable=None):
+    path = os.path.join(out_dir, image_id + ".npz")
+    if os.path.exists(path):
+      continue
+    example = ctx.example(image_id)
+    cams = multiscale_cams(forward, state, merge, example, norm, tuple(c.cam.scales))
+    keys = np.flatnonzero(example["labels"]) + 1
+    common.save_cams(path, cams[..., keys - 1], keys)
+  io.write_text(_marker(ctx), "")
+
+
+def multiscale_cams(forward, state, merge, example: dict, normalization: str,
+                    scales: tuple[float, ...]) -> np.ndarray:
+  """The spec's 8-pass CAM of one image: float32 [H, W, 20], each class max-normalised.
+
+  Args:
+    forward: jitted `(state, x [2,Hp,Wp,3]) -> cams [2,h,w,20]`.
+    state: the classifier's nnx state.
+    merge: jitted `cam_ops.merge_cams`.
+    example: a dataset example (image, labels).
+    normalization: the backbone's input normalisation.
+    scales: inference scales; every scale runs unflipped and flipped in one call.
+  """
+  passes = pipeline.multiscale_inputs(example["image"], normalization, scales, flip=True)
+  cams, plan = [], []
+  for i in range(0, len(passes), 2):
+    (x0, r0), (x1, r1) = passes[i], passes[i + 1]
+    out = forward(state, jnp.asarray(np.concatenate([x0, x1])))
+    cams += [out[:1], out[1:]]
+    plan += [r0, r1]
+  size = example["image"].shape[:2]
+  labels = jnp.asarray(example["labels"][None])
+  return np.asarray(merge(cams, plan=tuple(plan), size=size, labels=labels)[0])
+

@@ -1,0 +1,132 @@
+"""What every stage shares: the run context, datasets, models and stored outputs."""
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from affinity_jax import constants
+from affinity_jax import io
+from affinity_jax.data import sources
+from affinity_jax.errors import UserError
+from affinity_jax.models import heads
+from affinity_jax.training import loop
+
+
+@dataclasses.dataclass(eq=False)  # Hashed by identity, for functools.cache.
+class Context:
+  """One run: the resolved config, its workdir and the device mesh."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.workdir, *parts)
+
+  @functools.cached_property
+  def data_dir(self) -> str:
+    return self.config.data.data_dir or self.path("tfds")
+
+  def _dataset_params(self) -> dict[str, Any]:
+    if self.config.data.name == "scenes":
+      return dict(self.config.data.scenes)
+    return {}
+
+  def prepare_data(self) -> None:
+    """Prepares the dataset once (a no-op when it already is)."""
+    data = self.config.data
+    sources.prepare(data.name, self.data_dir, data.manual_dir or None,
+                    **self._dataset_params())
+
+  @functools.cache
+  def split(self, name: str) -> sources.DecodedSource:
+    return sources.open_split(self.config.data.name, name, self.data_dir,
+                              **self._dataset_params())
+
+  def label_splits(self) -> tuple[str, ...]:
+    """Splits whose images get CAMs, CRF labels and pseudo masks (label, then eval)."""
+    data = self.config.data
+    return tuple(dict.fromkeys((data.label_split, data.eval_split)))
+
+  @functools.cache
+  def _index(self, splits: tuple[str, ...]) -> dict[str, tuple[str, int]]:
+    """image id -> (split, record index), the first split holding it wins."""
+    index = {}
+    for name in splits:
+      for i, image_id in enumerate(self.split(name).ids()):
+        index.setdefault(image_id, (name, i))
+    return index
+
+  def label_ids(self, only_mine: bool = True) -> list[str]:
+    """Ids of the label splits (each once); by default only this process's share."""
+    ids = list(self._index(self.label_splits()))
+    return ids[jax.process_index()::jax.process_count()] if only_mine else ids
+
+  def example(self, image_id: str) -> dict:
+    """The decoded example `image_id` of the label splits."""
+    name, i = self._index(self.label_splits())[image_id]
+    return self.split(name)[i]
+
+  def make_model(self, kind: str) -> nnx.Module:
+    """A fresh network: kind is "cam", "aff" or "seg"."""
+    cls = {"cam": heads.CAMNet, "aff": heads.AffinityNet, "seg": heads.SegNet}[kind]
+    model = cls(self.config.model.backbone, rngs=nnx.Rngs(self.config.seed),
+                norm=self.config.model.norm)
+    if self.config.model.pretrained:
+      from affinity_jax.weights import load
+      load.load_pretrained(model, self.config.model.pretrained)
+    return model
+
+  def trained_model(self, kind: str) -> nnx.Module:
+    """The network `kind` as its training stage left it; error if that is not done."""
+    model = self.make_model(kind)
+    stage_config = self.config[kind].train
+    step = loop.restore_model(model, stage_config, self.path(kind),
+                              model.backbone.frozen_prefixes, self.mesh)
+    if step is None or step < stage_config.steps:
+      raise UserError(f"{self.path(kind, 'ckpt')}: training stage train_{kind} has not "
+                      f"finished (step {step or 0} of {stage_config.steps}); run "
+                      f"--mode=train_{kind} first")
+    return model
+
+
+def normalization(model: nnx.Module) -> str:
+  return model.backbone.normalization
+
+
+# Stored per-image outputs ------------------------------------------------------------
+
+
+def save_cams(path: str, cams: np.ndarray, keys: np.ndarray) -> None:
+  """Merged CAMs of the present classes, float16 [H, W, k], with their label ids [k]."""
+  io.save_npz(path, cams=cams.astype(np.float16), keys=np.asarray(keys, np.int32))
+
+
+def load_cams(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """-> (cams float32 [H, W, k], keys int32 [k])."""
+  try:
+    with np.load(path) as f:
+      return f["cams"].astype(np.float32), f["keys"]
+  except (OSError, KeyError, ValueError) as e:
+    raise UserError(f"{path}: cannot read stored CAMs ({e}); delete it and rerun "
+                    "--mode=infer_cam") from None
+
+
+def full_cams(cams: np.ndarray, keys: np.ndarray) -> np.ndarray:
+  """[H, W, k] maps of label ids `keys` -> [H, W, 20] with zeros for absent classes."""
+  out = np.zeros(cams.shape[:2] + (constants.NUM_CLASSES,), np.float32)
+  out[..., np.asarray(keys) - 1] = cams
+  return out
+
+
+def save_label_png(path: str, label: np.ndarray) -> None:
+  io.save_png(path, label.astype(np.uint8), palette=constants.voc_palette())
+
+
+def all_exist(directory: str, ids: list[str], suffix: str) -> bool:
+  return all(os.path.exists(os.path.join(directory, i + suffix)) for i in ids)

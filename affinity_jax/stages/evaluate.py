@@ -1,0 +1,72 @@
+"""Stage `eval`: score CAM, CAM+RW, CAM+RW+dCRF pseudo masks and the segmentation net.
+
+Writes `eval/results.json`, `eval/results.md` (IoU per class and mIoU, methods side by
+side), `eval/confusion_<method>.png` and `eval/overlays.png`.
+"""
+
+import os
+
+import jax
+import numpy as np
+
+from affinity_jax import constants
+from affinity_jax.evaluation import confusion
+from affinity_jax.evaluation import plots
+from affinity_jax.evaluation import report
+from affinity_jax.ops import cam as cam_ops
+from affinity_jax.stages import common
+from affinity_jax.stages import segmentation
+
+NAMES = ("background",) + constants.VOC_CLASSES
+
+
+def done(ctx: common.Context) -> bool:
+  return os.path.exists(ctx.path("eval", "results.json"))
+
+
+def cam_label(ctx: common.Context, image_id: str) -> np.ndarray:
+  """CAM-only pseudo label: argmax over [constant background score, CAMs]."""
+  cams, keys = common.load_cams(ctx.path("cam_maps", image_id + ".npz"))
+  return np.asarray(cam_ops.cam_label_map(common.full_cams(cams, keys),
+                                          ctx.config.eval.cam_threshold))
+
+
+def _examples(ctx: common.Context, split: str):
+  source = ctx.split(split)
+  for i in range(len(source)):
+    yield source[i]
+
+
+def run(ctx: common.Context) -> dict:
+  c = ctx.config
+  if jax.process_index() != 0:
+    return {}
+  split = ctx.split(c.data.eval_split)
+  ids = split.ids()
+  gt = lambda image_id: ctx.example(image_id)["mask"]
+  methods = {
+      "CAM": ((cam_label(ctx, i), gt(i)) for i in ids),
+      "CAM+RW": confusion.png_pairs(ids, ctx.path("rw"), gt),
+  }
+  if c.rw.dcrf:
+    methods["CAM+RW+dCRF"] = confusion.png_pairs(ids, ctx.path("rw_crf"), gt)
+  if c.seg.enabled:
+    predict = segmentation.predictor(ctx.trained_model("seg"))
+    methods[f"seg ({c.data.seg_eval_split})"] = (
+        (predict(e["image"]), e["mask"]) for e in _examples(ctx, c.data.seg_eval_split))
+  cms = confusion.evaluate(methods, progress=True)
+  out = ctx.path("eval")
+  for name, cm in cms.items():
+    slug = name.split(" ")[0].replace("+", "_").lower()
+    plots.confusion_plot(os.path.join(out, f"confusion_{slug}.png"), cm, NAMES,
+                         title=name)
+  rows = []
+  for image_id in ids[:c.eval.num_overlays]:
+    cams, _ = common.load_cams(ctx.path("cam_maps", image_id + ".npz"))
+    rows.append(dict(image=ctx.example(image_id)["image"], cam=cams,
+                     pseudo=confusion.read_label_png(ctx.path("rw", image_id + ".png")),
+                     gt=gt(image_id), title=image_id))
+  plots.overlay_grid(os.path.join(out, "overlays.png"), rows)
+  title = (f"{c.data.name}: pseudo masks on {c.data.eval_split}"
+           + (f", segmentation net on {c.data.seg_eval_split}" if c.seg.enabled else ""))
+  return report.write(out, cms, only_present=c.data.name == "scenes", title=title)

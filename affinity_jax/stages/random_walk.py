@@ -1,0 +1,126 @@
+"""Stage 4 (`infer_rw`): AffinityNet features + banded random walk -> pseudo masks.
+
+Images are batched (`config.rw.batch_size`) by padding to a common grid; a `valid` mask
+keeps the padding out of the walk. Writes `rw/<id>.png` (VOC palette) and, with
+`config.rw.dcrf`, `rw_crf/<id>.png` (a dense CRF on the walk's scores).
+"""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from affinity_jax import io
+from affinity_jax.data import transforms
+from affinity_jax.labels import crf
+from affinity_jax.ops import cam as cam_ops
+from affinity_jax.ops import random_walk
+from affinity_jax.stages import common
+
+STRIDE = 8
+# Batched inputs are padded up to a multiple of this many pixels, so that images of
+# many sizes share a few compiled shapes.
+BUCKET = 64
+
+
+def done(ctx: common.Context) -> bool:
+  return os.path.exists(_marker(ctx))
+
+
+def _marker(ctx: common.Context) -> str:
+  return ctx.path("rw", f"DONE-{jax.process_index()}")
+
+
+def walk_input(cams: np.ndarray, keys: np.ndarray, alpha: float, padded: tuple[int, int]
+               ) -> np.ndarray:
+  """The walk's input on the feature grid: [Hp/8, Wp/8, k+1], background first.
+
+  Args:
+    cams: [H, W, k] merged CAMs of the present classes (label ids `keys`).
+    keys: [k] label ids.
+    alpha: background power, M_bg = (1 - max_c M_c)^alpha at full resolution.
+    padded: (Hp, Wp), the image size padded to a multiple of 8 (zeros beyond H, W).
+  """
+  full = np.asarray(cam_ops.with_background(jnp.asarray(cams), alpha))
+  full = np.pad(full, ((0, padded[0] - full.shape[0]), (0, padded[1] - full.shape[1]),
+                       (0, 0)))
+  h, w = padded[0] // STRIDE, padded[1] // STRIDE
+  return full.reshape(h, STRIDE, w, STRIDE, -1).mean(axis=(1, 3))
+
+
+@functools.lru_cache(maxsize=None)
+def _upsample(grid: tuple[int, int, int], padded: tuple[int, int]):
+  return jax.jit(lambda x: jax.image.resize(x, padded + (grid[2],), "bilinear"))
+
+
+def scores_to_image(scores: np.ndarray, padded: tuple[int, int], size: tuple[int, int]
+                    ) -> np.ndarray:
+  """[h, w, L] walk output -> [H, W, L]: bilinear to the padded size, then cropped."""
+  up = _upsample(scores.shape, padded)(jnp.asarray(scores))
+  return np.asarray(up)[:size[0], :size[1]]
+
+
+def infer(ctx: common.Context) -> None:
+  c = ctx.config
+  model = ctx.trained_model("aff")
+  graphdef, state = nnx.split(model)
+  norm = common.normalization(model)
+
+  @jax.jit
+  def walk(state, x, cams, valid):
+    embedding, _ = nnx.merge(graphdef, state)(x, train=False)
+    return random_walk.propagate(cams, embedding, radius=c.rw.radius, beta=c.rw.beta,
+                                 t=c.rw.t, border=c.rw.border, valid=valid)
+
+  todo = [i for i in ctx.label_ids()
+          if not os.path.exists(ctx.path("rw", i + ".png"))
+          or (c.rw.dcrf and not os.path.exists(ctx.path("rw_crf", i + ".png")))]
+  bar = tqdm(total=len(todo), desc="infer_rw", disable=None)
+  for start in range(0, len(todo), c.rw.batch_size):
+    chunk = todo[start:start + c.rw.batch_size]
+    items = [_prepare(ctx, image_id, norm) for image_id in chunk]
+    bh = max(it["padded"][0] for it in items)
+    bw = max(it["padded"][1] for it in items)
+    bh, bw = -(-bh // BUCKET) * BUCKET, -(-bw // BUCKET) * BUCKET
+    num_ch = max(it["grid"].shape[-1] for it in items)
+    x = np.zeros((len(items), bh, bw, 3), np.float32)
+    grid = np.zeros((len(items), bh // STRIDE, bw // STRIDE, num_ch), np.float32)
+    valid = np.zeros(grid.shape[:3], bool)
+    for b, it in enumerate(items):
+      (ph, pw), (gh, gw, gc) = it["padded"], it["grid"].shape
+      x[b, :ph, :pw] = it["x"]
+      grid[b, :gh, :gw, :gc] = it["grid"]
+      valid[b, :gh, :gw] = True
+    out = np.asarray(walk(state, jnp.asarray(x), jnp.asarray(grid), jnp.asarray(valid)))
+    for b, it in enumerate(items):
+      gh, gw, gc = it["grid"].shape
+      _write(ctx, it, scores_to_image(out[b, :gh, :gw, :gc], it["padded"],
+                                      it["image"].shape[:2]))
+      bar.update(1)
+  bar.close()
+  io.write_text(_marker(ctx), "")
+
+
+def _prepare(ctx: common.Context, image_id: str, norm: str) -> dict:
+  example = ctx.example(image_id)
+  image = example["image"]
+  x, _ = transforms.pad_to_multiple(transforms.normalize(image, norm), STRIDE, 0.0)
+  cams, keys = common.load_cams(ctx.path("cam_maps", image_id + ".npz"))
+  padded = x.shape[:2]
+  return dict(id=image_id, image=image, x=x, padded=padded,
+              grid=walk_input(cams, keys, ctx.config.rw.alpha, padded),
+              keys=np.concatenate([[0], keys]).astype(np.uint8))
+
+
+def _write(ctx: common.Context, item: dict, scores: np.ndarray) -> None:
+  keys = item["keys"]
+  common.save_label_png(ctx.path("rw", item["id"] + ".png"), keys[np.argmax(scores, -1)])
+  if ctx.config.rw.dcrf:
+    probs = np.maximum(scores, 0) / np.maximum(scores.sum(-1, keepdims=True), 1e-5)
+    refined = crf.dense_crf(item["image"], probs)
+    common.save_label_png(ctx.path("rw_crf", item["id"] + ".png"),
+                          keys[np.argmax(refined, -1)])

