@@ -68,14 +68,15 @@ def apply_transition(weights: jnp.ndarray, x: jnp.ndarray, offsets, t: int,
     weights: [B, 2K + 1, H, W] from `transition_weights`.
     x: [B, H, W, C] values to propagate (e.g. CAMs).
     offsets: concrete int [K, 2], the forward offsets `weights` was built with.
-    t: number of steps, a static int >= 0 (0 returns x).
+    t: number of steps >= 0 (0 returns x); a Python int, or a traced int scalar so one
+      compiled function serves every t.
     unroll: steps per fori_loop iteration (1 is fastest on CPU: larger bodies stop fusing).
 
   Returns:
     float32 [B, H, W, C], out = T^t x.
   """
-  t = int(t)
-  if t < 0:
+  static_t = isinstance(t, (int, np.integer))
+  if static_t and t < 0:
     raise ValueError(f"t must be >= 0, got {t}")
   b, h, w, c = x.shape
   nbrs = walk_offsets(offsets)
@@ -83,7 +84,7 @@ def apply_transition(weights: jnp.ndarray, x: jnp.ndarray, offsets, t: int,
     raise ValueError(f"weights {weights.shape} do not fit x {x.shape} and "
                      f"{len(nbrs)} neighbours")
   x = x.astype(jnp.float32)
-  if t == 0:
+  if static_t and t == 0:
     return x
   m = neighbors.radius_of(offsets)
   wp = w + 2 * m
@@ -105,7 +106,8 @@ def apply_transition(weights: jnp.ndarray, x: jnp.ndarray, offsets, t: int,
       acc = acc + wflat[:, n] * jax.lax.slice_in_dim(s, lo, lo + length, axis=2)
     return jnp.pad(acc, ((0, 0), (0, 0), (start, start)))
 
-  state = jax.lax.fori_loop(0, t, step, state, unroll=max(1, min(unroll, t)))
+  unroll = max(1, min(unroll, int(t))) if static_t else 1
+  state = jax.lax.fori_loop(0, t, step, state, unroll=unroll)
   out = state.reshape(b, c, hp, wp)[:, :, top:top + h, m:m + w]
   return jnp.transpose(out, (0, 2, 3, 1))
 
