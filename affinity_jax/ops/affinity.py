@@ -5,8 +5,9 @@ pair (p, p + o_k) with p = (y, x) and o_k the k-th forward offset
 (`neighbors.half_disk_offsets`). Offsets must be concrete (NumPy), never traced.
 """
 
-import numpy as np
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from affinity_jax.constants import IGNORE
 from affinity_jax.ops import neighbors
@@ -22,17 +23,22 @@ def pairwise_affinity(features: jnp.ndarray, offsets) -> jnp.ndarray:
   Returns:
     [B, K, H, W] in the features' dtype; 0 where p + o lies outside the map.
   """
-  offsets = np.asarray(offsets)
-  b, h, w, d = features.shape
+  offsets = np.asarray(offsets, np.int32).reshape(-1, 2)
+  _, h, w, _ = features.shape
   m = neighbors.radius_of(offsets)
   fp = jnp.pad(features, ((0, 0), (m, m), (m, m), (0, 0)))
   inside = neighbors.pair_mask(offsets, h, w, "full")
-  out = []
-  for k, (dy, dx) in enumerate(offsets):
-    other = fp[:, m + dy:m + dy + h, m + dx:m + dx + w, :]
+
+  # One offset at a time (lax.map) so only one shifted window is alive: memory
+  # O(B H W D + K B H W) instead of K shifted copies of the features.
+  def one(args):
+    (dy, dx), ok = args
+    other = jax.lax.dynamic_slice(fp, (0, m + dy, m + dx, 0), features.shape)
     aff = jnp.exp(-jnp.mean(jnp.abs(features - other), axis=-1))
-    out.append(jnp.where(inside[k], aff, 0))
-  return jnp.stack(out, axis=1)
+    return jnp.where(ok, aff, 0)
+
+  out = jax.lax.map(one, (jnp.asarray(offsets), inside))
+  return jnp.moveaxis(out, 0, 1)
 
 
 def affinity_labels(label_map: jnp.ndarray, offsets, border: str = "full"

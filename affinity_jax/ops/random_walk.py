@@ -100,11 +100,13 @@ def apply_transition(weights: jnp.ndarray, x: jnp.ndarray, offsets, t: int,
   state = state.reshape(b, c, hp * wp)
 
   def step(_, s):
-    acc = wflat[:, 0] * jax.lax.slice_in_dim(s, start, start + length, axis=2)
-    for n in range(1, len(nbrs)):
-      lo = start + shifts[n]
-      acc = acc + wflat[:, n] * jax.lax.slice_in_dim(s, lo, lo + length, axis=2)
-    return jnp.pad(acc, ((0, 0), (0, 0), (start, start)))
+    terms = [wflat[:, n] * jax.lax.slice_in_dim(s, start + d, start + d + length, axis=2)
+             for n, d in enumerate(shifts)]
+    # A balanced sum gives XLA independent products (a chain of 2K adds is ~1.4x slower).
+    while len(terms) > 1:
+      terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i]
+               for i in range(0, len(terms), 2)]
+    return jnp.pad(terms[0], ((0, 0), (0, 0), (start, start)))
 
   unroll = max(1, min(unroll, int(t))) if static_t else 1
   state = jax.lax.fori_loop(0, t, step, state, unroll=unroll)
