@@ -101,19 +101,33 @@ def _resolve(module: nnx.Module, path: str) -> nnx.Variable | None:
   return obj if isinstance(obj, nnx.Variable) else None
 
 
+class _Tagged(np.ndarray):
+  """An ndarray that remembers which source array it came from."""
+
+  def __new__(cls, array, origin):
+    obj = np.asarray(array).view(cls)
+    obj.origin = origin
+    return obj
+
+  def __array_finalize__(self, obj):
+    self.origin = getattr(obj, "origin", None)
+
+
 def _canonical(path: tuple) -> str:
   """A state path as a table path: norm-wrapper hops ('bn', 'gn') dropped."""
   parts = [str(x) for x in path]
   return "/".join([x for x in parts[:-1] if x not in ("bn", "gn")] + parts[-1:])
 
 
-def _assign(model, target, src_name, value, path, loaded):
+def _assign(model, target, origin, value, path, loaded):
+  """origin: (source name, source shape) for messages."""
   var = _resolve(model, target)
   if var is None:
     return False
   if tuple(var.value.shape) != tuple(value.shape):
-    raise UserError(f"{path}: {src_name} -> {target}: file has shape {tuple(value.shape)}, "
-                    f"model expects {tuple(var.value.shape)}")
+    src, src_shape = origin
+    raise UserError(f"{path}: {src} has shape {tuple(src_shape)} (= {tuple(value.shape)} in our "
+                    f"layout) but parameter {target} has shape {tuple(var.value.shape)}")
   var.value = jnp.asarray(value, var.value.dtype)
   loaded.append(target)
   return True
@@ -148,16 +162,36 @@ def read_backbone_arrays(path: str, name: str) -> tuple[str, dict[str, np.ndarra
     raise UserError(f"{path}: no {fmt} weight mapping for backbone {name!r} (have "
                     f"{sorted(k for k in mappings.BACKBONE)})")
   entries = table()
-  out, used = {}, set()
-  for src, dst, transform in entries:
-    if src in source:
-      out[dst] = _TRANSFORMS[transform](source[src])
-      used.add(src)
+  out, unused = apply_table(source, entries)
   if not out:
     raise UserError(f"{path}: none of the {len(entries)} expected {name} arrays are in the file "
                     f"(e.g. {entries[0][0]!r})")
-  ignored = [k for k in source if k not in used and not k.endswith("num_batches_tracked")]
-  return fmt, out, ignored
+  return fmt, out, unused
+
+
+def apply_table(source: dict[str, np.ndarray], entries: list[mappings.Entry]
+                ) -> tuple[dict[str, np.ndarray], list[str]]:
+  """({our path: transformed array}, unused source names) for one mapping table.
+
+  Each returned array carries `.origin` (source name, source shape) for error messages.
+  """
+  out, used = {}, set()
+  for src, dst, transform in entries:
+    if src in source:
+      out[dst] = _Tagged(_TRANSFORMS[transform](source[src]), (src, source[src].shape))
+      used.add(src)
+  unused = [k for k in source if k not in used and not k.endswith("num_batches_tracked")]
+  return out, unused
+
+
+def assign_arrays(model: nnx.Module, arrays: dict[str, np.ndarray], path: str,
+                  prefix: str = "") -> tuple[list[str], list[str]]:
+  """Assigns {path: array} into `model` (shape-checked): (loaded paths, paths with no place)."""
+  loaded: list[str] = []
+  missing = [dst for dst, value in arrays.items()
+             if not _assign(model, prefix + dst, getattr(value, "origin", (dst, value.shape)),
+                            value, path, loaded)]
+  return loaded, missing
 
 
 def load_pretrained(model: nnx.Module, path: str, *, verbose: bool = True) -> LoadReport:
@@ -178,15 +212,14 @@ def load_pretrained(model: nnx.Module, path: str, *, verbose: bool = True) -> Lo
   prefix = "backbone/" if is_head else ""
   name = backbone_name(backbone)
   fmt, arrays, unused = read_backbone_arrays(path, name)
-  loaded: list[str] = []
-  for dst, value in arrays.items():
-    if not _assign(model, prefix + dst, dst, value, path, loaded):
-      unused.append(dst)
+  loaded, missing = assign_arrays(model, arrays, path, prefix)
+  unused = unused + missing
   if is_head and fmt == "torch":
     source = pytorch.load_state_dict(path)
     for src, dst, transform in mappings.HEADS_TORCH.get(type(model).__name__, []):
       if src in source:
-        _assign(model, dst, src, _TRANSFORMS[transform](source[src]), path, loaded)
+        _assign(model, dst, (src, source[src].shape), _TRANSFORMS[transform](source[src]),
+                path, loaded)
         unused = [u for u in unused if u != src]
   flat = nnx.to_flat_state(nnx.state(model, nnx.Any(*_LOADABLE)))
   sizes = {_canonical(p): int(np.prod(v.value.shape)) for p, v in flat}

@@ -95,7 +95,7 @@ def save_params(path: str, arrays: dict[str, np.ndarray]) -> None:
   flags = {np.dtype(v): k for k, v in DTYPES.items()}
   out = [struct.pack("<QQQ", LIST_MAGIC, 0, len(arrays))]
   for arr in arrays.values():
-    arr = np.ascontiguousarray(arr)
+    arr = np.asarray(arr, order="C")
     out.append(struct.pack("<IiI", V2, 0, arr.ndim) + struct.pack(f"<{arr.ndim}q", *arr.shape))
     out.append(struct.pack("<iii", 1, 0, flags[arr.dtype]) + arr.tobytes())
   out.append(struct.pack("<Q", len(arrays)))

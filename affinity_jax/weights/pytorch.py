@@ -252,7 +252,7 @@ def save_state_dict(path: str, tensors: dict[str, np.ndarray], *, legacy: bool =
   """Writes {name: array} as a PyTorch state dict (zip format, or legacy)."""
   from affinity_jax import io as aio
 
-  tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+  tensors = {k: np.asarray(v, order="C") for k, v in tensors.items()}
   data = _PickleWriter(legacy).state_dict(tensors)
   buf = io.BytesIO()
   if legacy:
