@@ -188,3 +188,14 @@ def test_forward_backward_sharded_over_8_devices(head):
   norms = [float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads)]
   assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) > len(norms) // 2
   assert x.sharding.spec == P("data")
+
+
+@pytest.mark.parametrize("k,stride,dilation,size", [(3, 2, 1, (9, 12)), (5, 1, 2, (7, 8)),
+                                                    (5, 2, 1, (8, 11)), (3, 1, 4, (6, 6))])
+def test_depthwise_conv_matches_grouped_conv_with_same_padding(k, stride, dilation, size):
+  dw = layers.DepthwiseConv(6, k, rngs=nnx.Rngs(0), stride=stride, dilation=dilation)
+  x = jax.random.normal(jax.random.key(1), (2, *size, 6))
+  want = jax.lax.conv_general_dilated(
+      x, dw.kernel[...], (stride, stride), "SAME", rhs_dilation=(dilation, dilation),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6)
+  np.testing.assert_allclose(dw(x), want, rtol=1e-5, atol=1e-5)

@@ -22,9 +22,8 @@ BN_EPS = 1e-3
 NUM_BLOCKS = sum(s[4] for s in STAGES)
 
 
-def _conv(cin, cout, k, *, rngs, stride=1, dilation=1, groups=1):
-  return nnx.Conv(cin, cout, (k, k), strides=stride, padding="SAME", kernel_dilation=dilation,
-                  use_bias=False, feature_group_count=groups, rngs=rngs)
+def _conv(cin, cout, k, *, rngs, stride=1):
+  return nnx.Conv(cin, cout, (k, k), strides=stride, padding="SAME", use_bias=False, rngs=rngs)
 
 
 class MBConv(nnx.Module):
@@ -34,7 +33,7 @@ class MBConv(nnx.Module):
     mid = cin * expand
     self.expand_conv = _conv(cin, mid, 1, rngs=rngs) if expand != 1 else None
     self.bn0 = layers.make_norm(norm, mid, rngs=rngs, eps=BN_EPS) if expand != 1 else None
-    self.depthwise_conv = _conv(mid, mid, k, rngs=rngs, stride=stride, dilation=dilation, groups=mid)
+    self.depthwise_conv = layers.DepthwiseConv(mid, k, rngs=rngs, stride=stride, dilation=dilation)
     self.bn1 = layers.make_norm(norm, mid, rngs=rngs, eps=BN_EPS)
     self.project_conv = _conv(mid, cout, 1, rngs=rngs)
     self.bn2 = layers.make_norm(norm, cout, rngs=rngs, eps=BN_EPS)

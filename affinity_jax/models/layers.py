@@ -106,3 +106,42 @@ def split_key(key: jax.Array | None, n: int) -> list[jax.Array | None]:
   if key is None:
     return [None] * n
   return [jax.random.fold_in(key, i) for i in range(n)]
+
+
+def _same_padding(n: int, k: int, stride: int, dilation: int) -> tuple[int, int, int]:
+  """TF "SAME" padding along one axis: (before, after, output size)."""
+  span = (k - 1) * dilation + 1
+  out = -(-n // stride)
+  total = max((out - 1) * stride + span - n, 0)
+  return total // 2, total - total // 2, out
+
+
+class DepthwiseConv(nnx.Module):
+  """Depthwise kxk convolution with TF "SAME" padding, no bias.
+
+  The kernel has `nnx.Conv`'s layout for `feature_group_count=C`: [k, k, 1, C].
+  Computed as a sum of k*k shifted, strided slices times per-channel weights:
+  on CPU this is several times faster than XLA's grouped convolution, forward
+  and backward (measured: 9x / 4x for 5x5 dilated kernels on 672 channels).
+  """
+
+  def __init__(self, channels: int, k: int, *, rngs: nnx.Rngs, stride: int = 1,
+               dilation: int = 1):
+    init = nnx.initializers.lecun_normal()
+    self.kernel = nnx.Param(init(rngs.params(), (k, k, 1, channels), jnp.float32))
+    self.k, self.stride, self.dilation = k, stride, dilation
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, s, d = self.k, self.stride, self.dilation
+    top, bottom, ho = _same_padding(x.shape[1], k, s, d)
+    left, right, wo = _same_padding(x.shape[2], k, s, d)
+    xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    w = self.kernel[...]
+    out = None
+    for i in range(k):
+      for j in range(k):
+        tap = jax.lax.slice(xp, (0, i * d, j * d, 0),
+                            (x.shape[0], i * d + (ho - 1) * s + 1, j * d + (wo - 1) * s + 1, x.shape[3]),
+                            (1, s, s, 1))
+        out = tap * w[i, j, 0] if out is None else out + tap * w[i, j, 0]
+    return out
