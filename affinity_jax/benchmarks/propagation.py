@@ -1,0 +1,170 @@
+"""Benchmark: the banded random walk against the reference's dense matrix power.
+
+    python -m affinity_jax.benchmarks.propagation [--sizes 63x47 63x63 125x94]
+        [--repeats 5] [--dim 448] [--out propagation.json]
+
+For each feature grid: random features [1, H, W, D] and CAMs [1, H, W, 21], beta 8,
+t 256, radius 5, border 'reference' (the reference's edge set, so all three agree).
+  - banded:      `random_walk.propagate` (jitted), batch 1 and a batch of 16.
+  - dense JAX:   the reference's method in jitted JAX: dense N x N A = W^beta (both
+                 directions + self-loops), T = D^-1 A, 8 squarings, one product.
+  - dense NumPy: the same in NumPy float32 (BLAS matmul), like psa's torch code.
+Every timing is from features to propagated CAMs; compile is excluded (ahead-of-time
+compiled, then one warm-up call for the banded walk), median of repeats, with
+block_until_ready. Dense runs repeat at most `--dense-repeats` times (they take minutes).
+Peak memory: JAX = XLA's compiled memory_analysis() argument + output + temp bytes;
+NumPy = tracemalloc peak of the call. max|diff| is against the dense NumPy result.
+"""
+
+import argparse
+import math
+import statistics
+import time
+import tracemalloc
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from affinity_jax import io
+from affinity_jax.ops import affinity, neighbors, random_walk
+
+RADIUS, BETA, T, CHANNELS = 5, 8, 256, 21
+BORDER = "reference"
+
+
+def _dense_jax(cams, feats):
+  """psa's method in JAX for one image: dense A, T = D^-1 A, T^(2^8), then T x."""
+  _, h, w, c = cams.shape
+  n = h * w
+  offs = neighbors.half_disk_offsets(RADIUS)
+  aff = affinity.pairwise_affinity(feats, offs)[0]
+  aff = jnp.where(neighbors.pair_mask(offs, h, w, BORDER), aff, 0.0) ** BETA
+  idx = np.arange(n).reshape(h, w)
+  src = np.broadcast_to(idx, aff.shape).reshape(-1)
+  dst = np.stack([np.roll(idx, (-dy, -dx), (0, 1)) for dy, dx in offs]).reshape(-1)
+  a = jnp.eye(n, dtype=jnp.float32)
+  v = aff.reshape(-1)
+  a = a.at[src, dst].add(v).at[dst, src].add(v)   # Masked pairs add 0.
+  tm = a / jnp.sum(a, axis=1, keepdims=True)
+  for _ in range(int(math.log2(T))):
+    tm = tm @ tm
+  return (tm @ cams[0].reshape(n, c)).reshape(1, h, w, c)
+
+
+def _dense_numpy(cams, feats):
+  """The same in NumPy float32."""
+  _, h, w, c = cams.shape
+  n = h * w
+  offs = neighbors.half_disk_offsets(RADIUS)
+  f = feats[0]
+  fp = np.pad(f, ((RADIUS, RADIUS), (RADIUS, RADIUS), (0, 0)))
+  a = np.eye(n, dtype=np.float32)
+  idx = np.arange(n).reshape(h, w)
+  for k, (dy, dx) in enumerate(offs):
+    other = fp[RADIUS + dy:RADIUS + dy + h, RADIUS + dx:RADIUS + dx + w]
+    v = np.exp(-np.abs(f - other).mean(-1)) ** BETA
+    ys, xs = np.mgrid[0:h - RADIUS + 1, RADIUS - 1:w - RADIUS + 1].reshape(2, -1)
+    s, d = idx[ys, xs], idx[ys + dy, xs + dx]
+    a[s, d] = v[ys, xs]
+    a[d, s] = v[ys, xs]
+  tm = a / a.sum(axis=1, keepdims=True)
+  for _ in range(int(math.log2(T))):
+    tm = tm @ tm
+  return (tm @ cams[0].reshape(n, c)).reshape(1, h, w, c)
+
+
+def _banded(cams, feats):
+  return random_walk.propagate(cams, feats, radius=RADIUS, beta=BETA, t=T, border=BORDER)
+
+
+def _time(fn, repeats, warmup):
+  if warmup:
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), out
+
+
+def _run_jax(fn, args, repeats, warmup):
+  compiled = jax.jit(fn).lower(*args).compile()
+  mem = compiled.memory_analysis()
+  peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+  sec, out = _time(lambda: compiled(*args), repeats, warmup)
+  return sec, np.asarray(out), peak
+
+
+def _run_numpy(args, repeats):
+  times, peak, out = [], 0, None
+  for _ in range(repeats):
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    out = _dense_numpy(*args)
+    times.append(time.perf_counter() - t0)
+    peak = max(peak, tracemalloc.get_traced_memory()[1])
+    tracemalloc.stop()
+  return statistics.median(times), out, peak
+
+
+def bench(h, w, dim, repeats, dense_repeats, batch, rng):
+  feats = rng.normal(size=(batch, h, w, dim)).astype(np.float32) * 0.05
+  cams = rng.uniform(size=(batch, h, w, CHANNELS)).astype(np.float32)
+  one = (jnp.asarray(cams[:1]), jnp.asarray(feats[:1]))
+  many = (jnp.asarray(cams), jnp.asarray(feats))
+  rows = []
+  n_rep = dense_repeats
+  sec_np, out_np, peak_np = _run_numpy((cams[:1], feats[:1]), n_rep)
+  sec_dj, out_dj, peak_dj = _run_jax(_dense_jax, one, n_rep, warmup=False)
+  sec_b1, out_b1, peak_b1 = _run_jax(_banded, one, repeats, warmup=True)
+  sec_bb, out_bb, peak_bb = _run_jax(_banded, many, max(1, repeats // 2), warmup=True)
+  ref_bb = np.concatenate([out_b1, np.asarray(_banded(*(x[1:] for x in many)))])
+  for name, b, sec, out, peak in (
+      ("dense NumPy", 1, sec_np, out_np, peak_np),
+      ("dense JAX", 1, sec_dj, out_dj, peak_dj),
+      ("banded JAX", 1, sec_b1, out_b1, peak_b1),
+      (f"banded JAX", batch, sec_bb, out_bb, peak_bb)):
+    per_image = sec / b
+    rows.append(dict(
+        grid=f"{h}x{w}", nodes=h * w, method=name, batch=b, ms_per_image=per_image * 1e3,
+        images_per_s=1.0 / per_image, peak_mb=peak / 2**20,
+        speedup_vs_dense_jax=sec_dj / per_image, speedup_vs_dense_numpy=sec_np / per_image,
+        memory_vs_dense_jax=peak / peak_dj,
+        max_abs_diff_vs_dense_numpy=float(np.abs(out[:1] - out_np).max()),
+        max_abs_diff_batch_vs_single=(float(np.abs(out - ref_bb).max()) if b > 1 else 0.0)))
+  return rows
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--sizes", nargs="+", default=["63x47", "63x63", "125x94"])
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--dense-repeats", type=int, default=1)
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--dim", type=int, default=448, help="feature channels D")
+  p.add_argument("--out", default="propagation.json")
+  a = p.parse_args(argv)
+  rng = np.random.default_rng(0)
+  rows = []
+  head = (f"{'grid':>7} {'method':<12} {'B':>3} {'ms/img':>10} {'img/s':>8} {'peak MB':>9} "
+          f"{'x dJAX':>8} {'x dNumPy':>9} {'mem/dJAX':>9} {'max|diff|':>10}")
+  print(f"radius {RADIUS}, beta {BETA}, t {T}, {CHANNELS} channels, D {a.dim}, "
+        f"border {BORDER}, jax {jax.__version__} on {jax.devices()[0].platform}")
+  print(head)
+  for s in a.sizes:
+    h, w = (int(v) for v in s.lower().split("x"))
+    for r in bench(h, w, a.dim, a.repeats, a.dense_repeats, a.batch, rng):
+      rows.append(r)
+      print(f"{r['grid']:>7} {r['method']:<12} {r['batch']:>3} {r['ms_per_image']:>10.1f} "
+            f"{r['images_per_s']:>8.2f} {r['peak_mb']:>9.1f} {r['speedup_vs_dense_jax']:>8.1f} "
+            f"{r['speedup_vs_dense_numpy']:>9.1f} {r['memory_vs_dense_jax']:>9.4f} "
+            f"{r['max_abs_diff_vs_dense_numpy']:>10.2e}", flush=True)
+  io.write_json(a.out, dict(radius=RADIUS, beta=BETA, t=T, channels=CHANNELS, dim=a.dim,
+                            border=BORDER, device=str(jax.devices()[0]), rows=rows))
+  print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+  main()

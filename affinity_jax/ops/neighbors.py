@@ -1,0 +1,93 @@
+"""Pixel-pair neighbourhoods on a grid: offsets within a radius and which pairs count.
+
+Offsets are (dy, dx) int pairs. The forward half-disk holds each undirected pair once;
+the random walk uses both directions plus the self-loop.
+
+Border modes decide which pairs (p, p + o) of an H x W map count:
+  - 'full': every pair whose two ends are inside the map (and valid, if a mask is given).
+  - 'reference': only sources p whose every forward offset p + o' lands inside, i.e.
+    rows 0..H-r and cols r-1..W-r of the map; this reproduces psa's crop rule.
+"""
+
+import numpy as np
+import jax.numpy as jnp
+
+BORDERS = ("full", "reference")
+
+
+def half_disk_offsets(radius: int) -> np.ndarray:
+  """Forward half-disk of offsets within `radius`, in the reference order.
+
+  Args:
+    radius: the pair radius r (r = 5 in the paper); pairs have dy^2 + dx^2 < r^2.
+
+  Returns:
+    int32 [K, 2] of (dy, dx): (0, 1..r-1), then dy = 1..r-1 with dx = -(r-1)..r-1.
+    K = 34 for r = 5.
+  """
+  r = int(radius)
+  if r < 1:
+    raise ValueError(f"radius must be >= 1, got {radius}")
+  offs = [(0, dx) for dx in range(1, r)]
+  offs += [(dy, dx) for dy in range(1, r) for dx in range(-(r - 1), r)
+           if dy * dy + dx * dx < r * r]
+  return np.asarray(offs, np.int32).reshape(-1, 2)
+
+
+def half_disk_radius(count: int) -> int:
+  """The radius whose forward half-disk has `count` offsets (inverse of the above)."""
+  for r in range(1, 256):
+    k = len(half_disk_offsets(r))
+    if k == count:
+      return r
+    if k > count:
+      break
+  raise ValueError(f"no half-disk radius has {count} offsets")
+
+
+def radius_of(offsets) -> int:
+  """The smallest margin m with |dy|, |dx| <= m for every offset (r - 1 for a half-disk)."""
+  offsets = np.asarray(offsets)
+  return int(np.abs(offsets).max()) if offsets.size else 0
+
+
+def shift(x: jnp.ndarray, dy: int, dx: int, fill=0) -> jnp.ndarray:
+  """y[..., i, j] = x[..., i + dy, j + dx], `fill` where that lies outside. x: [..., H, W]."""
+  h, w = x.shape[-2:]
+  if abs(dy) >= h or abs(dx) >= w:
+    return jnp.full_like(x, fill)
+  pad = [(0, 0)] * (x.ndim - 2) + [(max(-dy, 0), max(dy, 0)), (max(-dx, 0), max(dx, 0))]
+  xp = jnp.pad(x, pad, constant_values=fill)
+  y0, x0 = max(dy, 0), max(dx, 0)
+  return xp[..., y0:y0 + h, x0:x0 + w]
+
+
+def pair_mask(offsets, height: int, width: int, border: str = "full",
+              valid: jnp.ndarray | None = None) -> jnp.ndarray:
+  """Which pairs (p, p + o) count, for every source p and forward offset o.
+
+  Args:
+    offsets: concrete int [K, 2] (dy, dx).
+    height, width: the map size.
+    border: 'full' or 'reference' (see the module docstring).
+    valid: optional bool [B, H, W]; False marks padding. A pair needs both ends valid;
+      with 'reference' a source also needs p + o' valid for every offset o', which for
+      padding at the bottom/right gives each image its own reference region.
+
+  Returns:
+    bool [K, H, W] without `valid`, else [B, K, H, W].
+  """
+  if border not in BORDERS:
+    raise ValueError(f"border must be one of {BORDERS}, got {border!r}")
+  offsets = np.asarray(offsets)
+  inside = jnp.ones((height, width), bool) if valid is None else jnp.asarray(valid, bool)
+  ends = [shift(inside, int(dy), int(dx), fill=False) for dy, dx in offsets]
+  if border == "reference":
+    source = inside
+    for e in ends:
+      source = source & e
+    masks = [source for _ in ends]
+  else:
+    masks = [inside & e for e in ends]
+  return jnp.stack(masks, axis=-3) if masks else jnp.zeros(
+      inside.shape[:-2] + (0, height, width), bool)

@@ -1,0 +1,88 @@
+"""Affinities, pair labels and the AffinityNet loss against plain NumPy loops."""
+
+import jax
+import numpy as np
+import pytest
+
+from affinity_jax.ops import affinity, neighbors
+
+
+def test_pairwise_affinity_matches_double_loop():
+  rng = np.random.default_rng()
+  b, h, w, d, r = 2, 7, 9, 5, 4
+  f = rng.normal(size=(b, h, w, d)).astype(np.float32)
+  offs = neighbors.half_disk_offsets(r)
+  got = np.asarray(jax.jit(lambda x: affinity.pairwise_affinity(x, offs))(f))
+  assert got.shape == (b, len(offs), h, w)
+  f64 = f.astype(np.float64)
+  want = np.zeros(got.shape)
+  for i in range(b):
+    for k, (dy, dx) in enumerate(offs):
+      for y in range(h):
+        for x in range(w):
+          if 0 <= y + dy < h and 0 <= x + dx < w:
+            want[i, k, y, x] = np.exp(-np.abs(f64[i, y, x] - f64[i, y + dy, x + dx]).mean())
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  # Read in both directions: W(p, q) computed from q's side is the same number.
+  g = f[:, ::-1, ::-1]
+  back = np.asarray(affinity.pairwise_affinity(g, -offs))[:, :, ::-1, ::-1]
+  for k, (dy, dx) in enumerate(offs):
+    for y in range(max(0, -dy), min(h, h - dy)):
+      for x in range(max(0, -dx), min(w, w - dx)):
+        np.testing.assert_allclose(got[:, k, y, x], back[:, k, y, x], atol=1e-6)
+
+
+def _np_labels(lab, offs, border, r):
+  b, h, w = lab.shape
+  out = {n: np.zeros((b, len(offs), h, w), bool) for n in ("bg_pos", "fg_pos", "neg")}
+  for i in range(b):
+    for k, (dy, dx) in enumerate(offs):
+      for y in range(h):
+        for x in range(w):
+          if border == "reference" and not (y <= h - r and r - 1 <= x <= w - r):
+            continue
+          if not (0 <= y + dy < h and 0 <= x + dx < w):
+            continue
+          a, c = int(lab[i, y, x]), int(lab[i, y + dy, x + dx])
+          if a == 255 or c == 255:
+            continue
+          out["bg_pos"][i, k, y, x] = a == c == 0
+          out["fg_pos"][i, k, y, x] = a == c and a > 0
+          out["neg"][i, k, y, x] = a != c
+  return out
+
+
+@pytest.mark.parametrize("border", ["full", "reference"])
+def test_labels_and_loss_match_spec(border):
+  rng = np.random.default_rng()
+  b, h, w, r = 2, 9, 10, 5
+  offs = neighbors.half_disk_offsets(r)
+  lab = rng.choice(np.array([0, 0, 3, 3, 7, 255], np.uint8), size=(b, h, w))
+  got = affinity.affinity_labels(lab, offs, border=border)
+  want = _np_labels(lab, offs, border, r)
+  for n in want:
+    np.testing.assert_array_equal(np.asarray(got[n]), want[n], err_msg=n)
+  aff = rng.uniform(0, 1, size=(b, len(offs), h, w)).astype(np.float32)
+  loss, aux = jax.jit(lambda a, l: affinity.affinity_loss(a, l, border=border))(aff, got)
+  a64 = aff.astype(np.float64)
+  terms = {}
+  for n, lp in (("bg", np.log(a64 + 1e-5)), ("fg", np.log(a64 + 1e-5)),
+                ("neg", np.log(1 + 1e-5 - a64))):
+    sel = want["neg" if n == "neg" else f"{n}_pos"]
+    terms[n] = -np.sum(sel * lp) / (sel.sum() + 1e-5)
+    np.testing.assert_allclose(float(aux[f"{n}_loss"]), terms[n], rtol=1e-5)
+    assert float(aux[f"{n}_count"]) == sel.sum()
+  np.testing.assert_allclose(float(loss), terms["bg"] / 4 + terms["fg"] / 4 + terms["neg"] / 2,
+                             rtol=1e-5)
+
+
+def test_reference_loss_masks_full_labels():
+  rng = np.random.default_rng()
+  offs = neighbors.half_disk_offsets(5)
+  lab = rng.choice(np.array([0, 2], np.uint8), size=(1, 9, 10))
+  aff = rng.uniform(0, 1, size=(1, len(offs), 9, 10)).astype(np.float32)
+  full = affinity.affinity_labels(lab, offs, border="full")
+  ref = affinity.affinity_labels(lab, offs, border="reference")
+  a = affinity.affinity_loss(aff, full, border="reference")[0]
+  b = affinity.affinity_loss(aff, ref, border="reference")[0]
+  np.testing.assert_allclose(float(a), float(b), rtol=1e-6)

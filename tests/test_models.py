@@ -1,0 +1,201 @@
+"""Backbones and heads: shapes, strides, parameter counts, dropout, initialisation, sharded training."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from affinity_jax.errors import UserError
+from affinity_jax.models import AffinityNet, CAMNet, FrozenStat, SegNet, build_backbone
+from affinity_jax.models import layers
+
+BACKBONES = ("tiny", "lite0", "vgg16", "resnet38")
+HEADS = (CAMNet, AffinityNet, SegNet)
+CHANNELS = {"tiny": 128, "lite0": 1280, "vgg16": 1024, "resnet38": 4096}
+LEVELS = {"tiny": (32, 64, 128), "lite0": (80, 192, 1280), "vgg16": (512, 512, 1024),
+          "resnet38": (512, 1024, 4096)}
+
+
+def _abstract(fn):
+  return nnx.eval_shape(fn)
+
+
+def _shapes(model, size, train=False):
+  x = jax.ShapeDtypeStruct((2, *size, 3), jnp.float32)
+  out = nnx.eval_shape(lambda m, x: m(x, train=train, key=jax.random.key(0)), model, x)
+  return jax.tree.map(lambda a: a.shape, out)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+@pytest.mark.parametrize("size", [(448, 448), (375, 500), (376, 504)])
+def test_backbone_shapes_and_levels(name, size):
+  bb = _abstract(lambda: build_backbone(name, rngs=nnx.Rngs(0)))
+  h, w = math.ceil(size[0] / 8), math.ceil(size[1] / 8)
+  feats, aux = _shapes(bb, size)
+  assert feats == (2, h, w, CHANNELS[name]) and bb.out_channels == CHANNELS[name]
+  assert bb.level_channels == LEVELS[name]
+  for level, c in zip(("low", "mid", "high"), LEVELS[name]):
+    assert aux[level] == (2, h, w, c)
+  assert bb.normalization == ("caffe_bgr" if name == "vgg16" else "imagenet_rgb")
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_head_shapes(name):
+  size = (375, 500)
+  cam = _abstract(lambda: CAMNet(name, rngs=nnx.Rngs(0)))
+  logits, aux = _shapes(cam, size, train=True)
+  assert logits == (2, 20) and aux["cams"] == (2, 47, 63, 20)
+  assert aux["features"] == (2, 47, 63, CHANNELS[name])
+  aff = _abstract(lambda: AffinityNet(name, rngs=nnx.Rngs(0)))
+  emb, _ = _shapes(aff, (448, 448))
+  assert emb == (2, 56, 56, 448)
+  seg = _abstract(lambda: SegNet(name, rngs=nnx.Rngs(0)))
+  logits, aux = _shapes(seg, size)
+  assert logits == (2, 375, 500, 21) and aux["logits_small"] == (2, 47, 63, 21)
+
+
+def _count(model, *types):
+  return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Any(*types))))
+
+
+def test_resnet38_parameter_count_matches_reference():
+  # The reference counts conv weights and BatchNorm weight/bias (not running statistics).
+  aff = _abstract(lambda: AffinityNet("resnet38", rngs=nnx.Rngs(0)))
+  params = _count(aff, nnx.Param)
+  flat = nnx.to_flat_state(nnx.state(aff, FrozenStat))
+  bn_affine = sum(int(np.prod(v.value.shape)) for p, v in flat if p[-1] in ("scale", "bias"))
+  total = params + bn_affine
+  assert round(total / 1e6, 1) == 106.5, total
+  assert total == 106_484_032
+  # Head: 512*64 + 1024*128 + 4096*256 + 448*448.
+  assert params - _count(aff.backbone, nnx.Param) == 1_413_120
+
+
+def test_frozen_batchnorm_is_not_a_param_and_frozen_prefixes_exist():
+  aff = _abstract(lambda: AffinityNet("resnet38", rngs=nnx.Rngs(0)))
+  paths = ["/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(aff, nnx.Param))]
+  assert not any("/bn" in p for p in paths)
+  for prefix in aff.backbone.frozen_prefixes:
+    assert any(p.startswith(prefix + "/") for p in paths), prefix
+  trainable = _abstract(lambda: build_backbone("resnet38", rngs=nnx.Rngs(0), norm="batch"))
+  assert _count(trainable, nnx.BatchStat) == 47_744  # mean + var of every BatchNorm.
+  with pytest.raises(UserError, match="norm"):
+    build_backbone("tiny", rngs=nnx.Rngs(0), norm="nope")
+  with pytest.raises(UserError, match="backbone"):
+    build_backbone("resnet50", rngs=nnx.Rngs(0))
+
+
+def test_frozen_batchnorm_matches_formula():
+  bn = layers.FrozenBatchNorm(3, eps=1e-5)
+  rng = np.random.default_rng(0)
+  for var in (bn.scale, bn.bias, bn.mean):
+    var.value = jnp.asarray(rng.normal(size=3), jnp.float32)
+  bn.var.value = jnp.asarray(rng.uniform(0.5, 2, size=3), jnp.float32)
+  x = rng.normal(size=(2, 4, 5, 3)).astype(np.float32)
+  want = (x - np.asarray(bn.mean.value)) / np.sqrt(np.asarray(bn.var.value) + 1e-5)
+  want = want * np.asarray(bn.scale.value) + np.asarray(bn.bias.value)
+  np.testing.assert_allclose(bn(jnp.asarray(x)), want, rtol=1e-5, atol=1e-5)
+
+
+# Real ResNet-38 / Lite0 forwards are slow eagerly on a shared CPU; their numerics are
+# covered by the torch comparison and the ImageNet test in test_weights.py.
+@pytest.mark.parametrize("name", ["vgg16", "tiny"])
+def test_real_forward_tiny_input(name):
+  bb = build_backbone(name, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (1, 20, 28, 3))
+  f, aux = bb(x, train=False)
+  assert f.shape == (1, 3, 4, CHANNELS[name])
+  assert bool(jnp.all(jnp.isfinite(f)))
+  assert aux["high"] is f
+
+
+def test_dropout_only_in_training_and_keyed():
+  model = CAMNet("tiny", rngs=nnx.Rngs(0), width=8)
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  a, _ = model(x, train=False)
+  b, _ = model(x, train=False, key=jax.random.key(5))
+  np.testing.assert_array_equal(a, b)
+  k = jax.random.key(3)
+  c, _ = model(x, train=True, key=k)
+  d, _ = model(x, train=True, key=k)
+  e, _ = model(x, train=True, key=jax.random.fold_in(k, 1))
+  np.testing.assert_array_equal(c, d)
+  assert not np.allclose(c, e) and not np.allclose(a, c)
+  f1, _ = model(x, train=True)  # Without a key: the module's own rng stream advances.
+  f2, _ = model(x, train=True)
+  assert not np.allclose(f1, f2)
+
+
+def test_cams_are_relu_of_classifier_and_vgg_takes_sqrt():
+  model = CAMNet("tiny", rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 24, 32, 3))
+  logits, aux = model(x, train=False)
+  w = np.asarray(model.classifier.kernel.value)[0, 0]  # [D, 20]
+  f = np.asarray(aux["features"])
+  np.testing.assert_allclose(aux["cams"], np.maximum(f @ w, 0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(logits, f.mean(axis=(1, 2)) @ w, rtol=1e-4, atol=1e-5)
+  assert model.classifier.bias is None
+  vgg = _abstract(lambda: CAMNet("vgg16", rngs=nnx.Rngs(0)))
+  assert vgg.sqrt_cams and not model.sqrt_cams
+
+
+def test_affinity_head_initialisation_follows_reference():
+  model = AffinityNet("tiny", rngs=nnx.Rngs(0), width=64)  # Real init: the statistics matter.
+  for conv, fan_in in ((model.f8_3, 64), (model.f8_4, 128), (model.f8_5, 256)):
+    k = np.asarray(conv.kernel.value)
+    assert conv.bias is None
+    assert abs(k.std() / math.sqrt(2 / fan_in) - 1) < 0.05
+  k = np.asarray(model.f9.kernel.value)
+  bound = 4 * math.sqrt(6 / (448 + 448))
+  assert k.max() <= bound and k.max() > 0.95 * bound
+  assert abs(k.std() / (bound / math.sqrt(3)) - 1) < 0.05
+  res38 = _abstract(lambda: AffinityNet("resnet38", rngs=nnx.Rngs(0)))
+  assert res38.f8_5.kernel.value.shape == (1, 1, 4096, 256)
+  assert res38.backbone.b6.dropout_2b1.rate == 0.3 and res38.backbone.b7.dropout_2b2.rate == 0.5
+
+
+def test_vgg_affinity_variant_uses_fc6_dilation_4():
+  aff = _abstract(lambda: AffinityNet("vgg16", rngs=nnx.Rngs(0)))
+  cam = _abstract(lambda: CAMNet("vgg16", rngs=nnx.Rngs(0)))
+  assert aff.backbone.fc6.kernel_dilation in (4, (4, 4))
+  assert cam.backbone.fc6.kernel_dilation in (1, (1, 1))
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_forward_backward_sharded_over_8_devices(head):
+  devices = jax.devices()
+  assert len(devices) == 8
+  mesh = Mesh(np.array(devices), ("data",))
+  data = NamedSharding(mesh, P("data"))
+  model = head("tiny", rngs=nnx.Rngs(0), width=8)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  x = jax.device_put(jax.random.normal(jax.random.key(1), (8, 24, 24, 3)), data)
+
+  @jax.jit
+  def step(params, rest, x, key):
+    def loss_fn(p):
+      m = nnx.merge(graphdef, p, rest)
+      out, _ = m(x, train=True, key=key)
+      return jnp.mean(out ** 2)
+    return jax.value_and_grad(loss_fn)(params)
+
+  loss, grads = step(params, rest, x, jax.random.key(2))
+  assert np.isfinite(float(loss))
+  norms = [float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads)]
+  assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) > len(norms) // 2
+  assert x.sharding.spec == P("data")
+
+
+@pytest.mark.parametrize("k,stride,dilation,size", [(3, 2, 1, (9, 12)), (5, 1, 2, (7, 8)),
+                                                    (5, 2, 1, (8, 11)), (3, 1, 4, (6, 6))])
+def test_depthwise_conv_matches_grouped_conv_with_same_padding(k, stride, dilation, size):
+  dw = layers.DepthwiseConv(6, k, rngs=nnx.Rngs(0), stride=stride, dilation=dilation)
+  x = jax.random.normal(jax.random.key(1), (2, *size, 6))
+  want = jax.lax.conv_general_dilated(
+      x, dw.kernel[...], (stride, stride), "SAME", rhs_dilation=(dilation, dilation),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6)
+  np.testing.assert_allclose(dw(x), want, rtol=1e-5, atol=1e-5)
