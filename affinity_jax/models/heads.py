@@ -66,7 +66,7 @@ class AffinityNet(nnx.Module):
     if backbone_name == "vgg16":
       backbone_kw.setdefault("fc6_dilation", 4)
     self.backbone, _ = _backbone(backbone_name, rngs, norm, backbone_kw)
-    kaiming = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
+    kaiming = layers.HE_NORMAL
     xavier4 = nnx.initializers.variance_scaling(16.0, "fan_avg", "uniform")
     cin = self.backbone.level_channels
     self.f8_3 = layers.conv(cin[0], dims[0], 1, rngs=rngs, kernel_init=kaiming)

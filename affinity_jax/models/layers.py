@@ -18,6 +18,9 @@ from flax import nnx
 from affinity_jax.errors import UserError
 
 NORMS = ("frozen", "batch", "group")
+# He/Kaiming normal (fan-in, gain sqrt 2, not truncated: like torch's kaiming_normal_).
+# ("normal" is the untruncated normal in jax.nn.initializers.)
+HE_NORMAL = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
 class FrozenStat(nnx.Variable):
@@ -77,10 +80,9 @@ def conv(cin: int, cout: int, k: int, *, rngs: nnx.Rngs, stride: int = 1, dilati
          kernel_init: Any = None) -> nnx.Conv:
   """A kxk convolution with symmetric padding `dilation * (k - 1) // 2` (PyTorch style)."""
   pad = dilation * (k - 1) // 2 if padding is None else padding
-  kw = {} if kernel_init is None else {"kernel_init": kernel_init}
   return nnx.Conv(cin, cout, (k, k), strides=stride, padding=((pad, pad), (pad, pad)),
                   kernel_dilation=dilation, use_bias=bias, feature_group_count=groups,
-                  rngs=rngs, **kw)
+                  rngs=rngs, kernel_init=kernel_init or HE_NORMAL)
 
 
 def max_pool(x: jax.Array, k: int, stride: int, pad: int) -> jax.Array:
@@ -127,8 +129,7 @@ class DepthwiseConv(nnx.Module):
 
   def __init__(self, channels: int, k: int, *, rngs: nnx.Rngs, stride: int = 1,
                dilation: int = 1):
-    init = nnx.initializers.lecun_normal()
-    self.kernel = nnx.Param(init(rngs.params(), (k, k, 1, channels), jnp.float32))
+    self.kernel = nnx.Param(HE_NORMAL(rngs.params(), (k, k, 1, channels), jnp.float32))
     self.k, self.stride, self.dilation = k, stride, dilation
 
   def __call__(self, x: jax.Array) -> jax.Array:
