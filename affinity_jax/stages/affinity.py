@@ -58,7 +58,8 @@ def train(ctx: common.Context) -> None:
   batches = pipeline.affinity_batches(
       ctx.split(c.data.train_split), functools.partial(store.load, ctx.path("crf")),
       mesh=ctx.mesh, batch_size=c.aff.batch_size, seed=c.seed, crop_size=c.aff.crop,
-      normalization=common.normalization(model), worker_count=c.data.num_workers)
+      normalization=common.normalization(model), jitter=c.data.color_jitter,
+      worker_count=c.data.num_workers)
   loss_fn = functools.partial(affinity_loss, radius=c.aff.radius, border=c.aff.border)
   loop.train(model, loss_fn, batches, c.aff.train, ctx.path("aff"),
              model.backbone.frozen_prefixes, ctx.mesh)

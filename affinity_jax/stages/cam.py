@@ -36,7 +36,8 @@ def train(ctx: common.Context) -> None:
   batches = pipeline.classification_batches(
       ctx.split(c.data.train_split), mesh=ctx.mesh, batch_size=c.cam.batch_size,
       seed=c.seed, crop_size=c.cam.crop, long_side=tuple(c.cam.resize_long),
-      normalization=common.normalization(model), worker_count=c.data.num_workers)
+      normalization=common.normalization(model), jitter=c.data.color_jitter,
+      worker_count=c.data.num_workers)
   loop.train(model, classification_loss, batches, c.cam.train, ctx.path("cam"),
              model.backbone.frozen_prefixes, ctx.mesh)
 

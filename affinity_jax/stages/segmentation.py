@@ -50,7 +50,8 @@ def train(ctx: common.Context) -> None:
   batches = pipeline.segmentation_batches(
       ctx.split(c.data.train_split), masks, mesh=ctx.mesh, batch_size=c.seg.batch_size,
       seed=c.seed, crop_size=c.seg.crop, long_side=tuple(c.seg.resize_long),
-      normalization=common.normalization(model), worker_count=c.data.num_workers)
+      normalization=common.normalization(model), jitter=c.data.color_jitter,
+      worker_count=c.data.num_workers)
   loop.train(model, segmentation_loss, batches, c.seg.train, ctx.path("seg"),
              model.backbone.frozen_prefixes, ctx.mesh)
 

