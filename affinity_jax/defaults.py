@@ -94,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict(dict(
       cam_threshold=0.15,        # constant background score for the CAM-only labels
+      # Also score CAM labels at each of these thresholds and report the best one, so
+      # the CAM baseline is not judged by a threshold that happens to suit it badly.
+      cam_sweep=(0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
       num_overlays=6,            # images in eval/overlays.png
   ))
   return c

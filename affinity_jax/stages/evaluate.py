@@ -14,6 +14,7 @@ from affinity_jax.evaluation import confusion
 from affinity_jax.evaluation import plots
 from affinity_jax.evaluation import report
 from affinity_jax.ops import cam as cam_ops
+from affinity_jax.ops import metrics
 from affinity_jax.stages import common
 from affinity_jax.stages import segmentation
 
@@ -24,11 +25,29 @@ def done(ctx: common.Context) -> bool:
   return os.path.exists(ctx.path("eval", "results.json"))
 
 
-def cam_label(ctx: common.Context, image_id: str) -> np.ndarray:
+def cam_label(ctx: common.Context, image_id: str, threshold: float) -> np.ndarray:
   """CAM-only pseudo label: argmax over [constant background score, CAMs]."""
   cams, keys = common.load_cams(ctx.path("cam_maps", image_id + ".npz"))
-  return np.asarray(cam_ops.cam_label_map(common.full_cams(cams, keys),
-                                          ctx.config.eval.cam_threshold))
+  return np.asarray(cam_ops.cam_label_map(common.full_cams(cams, keys), threshold))
+
+
+def cam_sweep(ctx: common.Context, ids: list[str], gt) -> tuple[float, np.ndarray, dict]:
+  """Scores CAM labels at every `eval.cam_sweep` threshold in one pass over the images.
+
+  Returns:
+    (best threshold, its confusion matrix, {threshold: mIoU}).
+  """
+  thresholds = tuple(ctx.config.eval.cam_sweep)
+  cms = {t: 0 for t in thresholds}
+  for image_id in ids:
+    cams, keys = common.load_cams(ctx.path("cam_maps", image_id + ".npz"))
+    full, target = common.full_cams(cams, keys), gt(image_id)
+    for t in thresholds:
+      cms[t] = cms[t] + metrics.confusion_np(np.asarray(cam_ops.cam_label_map(full, t)),
+                                             target)
+  mious = {t: metrics.mean_iou(cm) for t, cm in cms.items()}
+  best = max(mious, key=mious.get)
+  return best, cms[best], mious
 
 
 def _examples(ctx: common.Context, split: str):
@@ -45,7 +64,7 @@ def run(ctx: common.Context) -> dict:
   ids = split.ids()
   gt = lambda image_id: ctx.example(image_id)["mask"]
   methods = {
-      "CAM": ((cam_label(ctx, i), gt(i)) for i in ids),
+      "CAM": ((cam_label(ctx, i, c.eval.cam_threshold), gt(i)) for i in ids),
       "CAM+RW": confusion.png_pairs(ids, ctx.path("rw"), gt),
   }
   if c.rw.dcrf:
@@ -55,8 +74,17 @@ def run(ctx: common.Context) -> dict:
     methods[f"seg ({c.data.seg_eval_split})"] = (
         (predict(e["image"]), e["mask"]) for e in _examples(ctx, c.data.seg_eval_split))
   cms = confusion.evaluate(methods, progress=True)
+  best = ()
+  if c.eval.cam_sweep:
+    threshold, cm, mious = cam_sweep(ctx, ids, gt)
+    best = (f"CAM (best t={threshold:g})", cm)
+    print("CAM mIoU by background threshold: "
+          + ", ".join(f"{t:g}: {100 * m:.1f}" for t, m in mious.items()), flush=True)
+    cms = dict([("CAM", cms["CAM"]), best, *[(k, v) for k, v in cms.items() if k != "CAM"]])
   out = ctx.path("eval")
   for name, cm in cms.items():
+    if best and name == best[0]:
+      continue
     slug = name.split(" ")[0].replace("+", "_").lower()
     plots.confusion_plot(os.path.join(out, f"confusion_{slug}.png"), cm, NAMES,
                          title=name)
