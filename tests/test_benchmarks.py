@@ -55,7 +55,7 @@ def test_pipeline_summary_uses_the_pool_and_adds_the_walks_crf():
 
 def test_propagation_benchmark_agrees_with_dense(tmp_path):
   out = tmp_path / "propagation.json"
-  propagation.main(["--sizes", "10x12", "--repeats", "1", "--batch", "2", "--dim", "8",
+  propagation.main(["--sizes", "10x12", "--repeats", "1", "--batch", "1", "--dim", "4",
                     "--out", str(out)])
   result = json.loads(out.read_text())
   methods = [r["method"] for r in result["rows"]]

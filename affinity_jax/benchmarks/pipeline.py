@@ -36,6 +36,7 @@ from flax import nnx
 
 from affinity_jax import defaults
 from affinity_jax import io
+from affinity_jax.benchmarks import timing
 from affinity_jax.data import transforms
 from affinity_jax.errors import UserError
 from affinity_jax.labels import crf
@@ -46,7 +47,6 @@ from affinity_jax.stages import affinity as aff_stage
 from affinity_jax.stages import cam as cam_stage
 from affinity_jax.stages import random_walk as rw_stage
 from affinity_jax.stages import segmentation as seg_stage
-from affinity_jax.benchmarks import timing
 from affinity_jax.training import loop
 from affinity_jax.training import mesh as mesh_lib
 from affinity_jax.training import optim
@@ -208,9 +208,10 @@ def bench_crf(image: np.ndarray, cams: np.ndarray, workers: int, num_images: int
     steady = (spent[num_images] - spent[workers]) / (num_images - workers)
     rows.append(_row("crf", f"run_pool, {workers} workers, end to end", num_images,
                      spent[num_images], None, "start-up and store writes included"))
-    rows.append(_row("crf", f"run_pool, {workers} workers, steady state", 1, steady, None,
-                     f"(t({num_images}) - t({workers})) / {num_images - workers} images; "
-                     f"start-up ~{spent[workers] - workers * steady:.1f} s"))
+    if steady > 0:  # Not so when start-up noise swamps too few images.
+      rows.append(_row("crf", f"run_pool, {workers} workers, steady state", 1, steady, None,
+                       f"(t({num_images}) - t({workers})) / {num_images - workers} images; "
+                       f"start-up ~{spent[workers] - workers * steady:.1f} s"))
   return rows
 
 
@@ -351,8 +352,9 @@ def main(argv=None):
     p.add_argument(f"--{kind}-batch", type=int,
                    default=CPU_BATCH if on_cpu else ACCEL_BATCH[kind],
                    help=f"train batch (spec {ACCEL_BATCH[kind]}; default {CPU_BATCH} on CPU)")
-  p.add_argument("--rw-batch", type=int, default=CPU_BATCH if on_cpu else 4 * jax.device_count(),
-                 help="batched walk size, besides batch 1")
+  p.add_argument("--rw-batch", type=int,
+                 default=CPU_BATCH if on_cpu else defaults.base_config().rw.batch_size,
+                 help="batched walk size, besides batch 1 (default rw.batch_size; 2 on CPU)")
   p.add_argument("--crf-workers", type=int, default=defaults.base_config().crf.num_workers)
   p.add_argument("--crf-images", type=int, default=0, help="pool images (default 4 x workers)")
   p.add_argument("--repeats", type=int, default=3)
