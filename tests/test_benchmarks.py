@@ -1,0 +1,76 @@
+"""Smoke tests of the benchmark scripts at tiny sizes: they run and write the JSON they
+promise. No timing assertions (speed belongs in the scripts' own output)."""
+
+import json
+import math
+
+from affinity_jax.benchmarks import models as models_bench
+from affinity_jax.benchmarks import pipeline
+from affinity_jax.benchmarks import propagation
+
+ROW_KEYS = {"stage", "variant", "batch", "images_per_s", "ms_per_image", "compile_s", "notes"}
+
+
+def _row(stage, variant, img_s, batch=1):
+  return dict(stage=stage, variant=variant, batch=batch, images_per_s=img_s,
+              ms_per_image=1e3 / img_s, compile_s=None, notes="")
+
+
+def test_pipeline_benchmark_writes_rows_and_verdict(tmp_path):
+  out = tmp_path / "pipeline.json"
+  # Batch 8: the train step splits the batch over conftest's 8 CPU devices.
+  pipeline.main(["--backbone=tiny", "--crop=48", "--image=40x56", "--repeats=1",
+                 "--stages=train_cam,crf,infer_rw", "--cam-batch=8", "--rw-batch=1",
+                 "--crf-workers=1", f"--out={out}"])
+  result = json.loads(out.read_text())
+  assert result["backbone"] == "tiny" and result["image"] == [40, 56]
+  rows = result["rows"]
+  assert all(ROW_KEYS <= set(r) for r in rows)
+  assert [r["stage"] for r in rows] == ["train_cam", "crf", "infer_rw", "infer_rw"]
+  assert [r["variant"].startswith("dCRF") for r in rows] == [False, False, False, True]
+  for r in rows:
+    assert r["images_per_s"] > 0 and math.isclose(r["ms_per_image"] * r["images_per_s"], 1e3)
+  assert {s["stage"] for s in result["summary"]} == {"train_cam", "crf", "infer_rw"}
+  assert math.isclose(sum(s["share"] for s in result["summary"]), 1.0)
+  assert result["bottleneck"] in {"train_cam", "crf", "infer_rw"}
+  assert {"total_hours", "rw_share", "crf_share", "rw_or_crf_is_bottleneck"} <= set(result)
+
+
+def test_pipeline_summary_uses_the_pool_and_adds_the_walks_crf():
+  rows = [_row("train_cam", "448x448 crops, sgd", 100.0, batch=16),
+          _row("crf", "375x500, 2+1 labels, 1 process", 1.0),
+          _row("crf", "run_pool, 4 workers, end to end", 2.0, batch=16),
+          _row("crf", "run_pool, 4 workers, steady state", 4.0),
+          _row("infer_rw", "forward + walk", 20.0),
+          _row("infer_rw", "forward + walk", 40.0, batch=4),
+          _row("infer_rw", "dCRF after the walk", 5.0)]
+  summ = {s["stage"]: s for s in pipeline.summary(rows)}
+  assert math.isclose(summ["crf"]["images_per_s"], 4.0)   # Steady state, not 1 process.
+  assert math.isclose(summ["infer_rw"]["images_per_s"], 1 / (1 / 40 + 1 / 5))
+  assert math.isclose(summ["crf"]["hours"], pipeline.TRAIN_AUG / 4.0 / 3600)
+  verdict = pipeline.verdict(list(summ.values()))
+  # train_cam: 158,720 images at 100/s = 0.44 h; crf 10,582 at 4/s = 0.73 h.
+  assert verdict["bottleneck"] == "crf" and verdict["rw_or_crf_is_bottleneck"]
+
+
+def test_propagation_benchmark_agrees_with_dense(tmp_path):
+  out = tmp_path / "propagation.json"
+  propagation.main(["--sizes", "10x12", "--repeats", "1", "--batch", "1", "--dim", "4",
+                    "--out", str(out)])
+  result = json.loads(out.read_text())
+  methods = [r["method"] for r in result["rows"]]
+  assert methods == ["dense NumPy", "dense JAX", "banded JAX", "banded JAX"]
+  for r in result["rows"]:
+    assert r["grid"] == "10x12" and r["images_per_s"] > 0
+    assert r["max_abs_diff_vs_dense_numpy"] < 1e-4
+    assert r["max_abs_diff_batch_vs_single"] < 1e-5
+
+
+def test_models_benchmark_writes_rows(tmp_path):
+  out = tmp_path / "models.json"
+  models_bench.main(["--backbones=tiny", "--size=32", "--batch=1", "--iters=1",
+                     f"--out={out}"])
+  result = json.loads(out.read_text())
+  (row,) = result["rows"]
+  assert row["backbone"] == "tiny" and row["size"] == 32 and row["params_M"] > 0
+  assert row["forward_img_s"] > 0 and row["train_img_s"] > 0
