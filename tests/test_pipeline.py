@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from affinity_jax.data import pipeline, transforms
+from affinity_jax.ops import cam as cam_ops
 from affinity_jax.errors import UserError
 
 BG = np.array([20, 40, 200], np.uint8)
@@ -116,21 +117,19 @@ def test_affinity_augment_label_map_matches_direct_computation():
       assert np.abs(centre - FG).max() < 12
 
 
-def test_multiscale_inputs_and_restore_output():
+def test_multiscale_inputs_follow_the_pass_plan():
   img = np.random.default_rng(0).integers(0, 256, (37, 50, 3), dtype=np.uint8)
   passes = pipeline.multiscale_inputs(img, "imagenet_rgb")
-  assert len(passes) == 8
-  assert [(r.scale, r.flip) for _, r in passes][:4] == [(1.0, False), (1.0, True),
-                                                        (0.5, False), (0.5, True)]
+  assert [r for _, r in passes] == cam_ops.pass_plan(37, 50)
   for x, r in passes:
-    assert x.shape[1] % 8 == 0 and x.shape[2] % 8 == 0
-    assert (x.shape[1] - r.pad[0], x.shape[2] - r.pad[1]) == r.size
+    assert x.shape[1:3] == r.padded
     assert r.size == (round(37 * r.scale), round(50 * r.scale))
-    back = pipeline.restore_output(x[0], r)
     want = transforms.normalize(transforms.resize(img, r.size, "bicubic"), "imagenet_rgb")
-    np.testing.assert_array_equal(back, want)
-    small = pipeline.restore_output(np.zeros((x.shape[1] // 8, x.shape[2] // 8, 5)), r, stride=8)
-    assert small.shape == (-(-r.size[0] // 8), -(-r.size[1] // 8), 5)
+    if r.flip:
+      want = want[:, ::-1]
+    np.testing.assert_array_equal(x[0, :r.size[0], :r.size[1]], want)
+    assert not x[0, r.size[0]:].any() and not x[0, :, r.size[1]:].any()
+  assert len(pipeline.multiscale_inputs(img, "imagenet_rgb", flip=False)) == 4
 
 
 # ----------------------------------------------------------------------------- batches

@@ -9,7 +9,6 @@ compilation (reported separately). Prints a table and writes JSON.
 """
 
 import argparse
-import platform
 import time
 
 import jax
@@ -19,17 +18,10 @@ import optax
 from flax import nnx
 
 from affinity_jax import io as aio
+from affinity_jax.benchmarks import timing
 from affinity_jax.models import CAMNet
 
 DEFAULT_BACKBONES = ("tiny", "lite0", "vgg16", "resnet38")
-
-
-def _time(fn, iters):
-  start = time.perf_counter()
-  for i in range(iters):
-    out = fn(i)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / iters
 
 
 def bench(name: str, size: int, batch: int, iters: int) -> dict:
@@ -55,18 +47,21 @@ def bench(name: str, size: int, batch: int, iters: int) -> dict:
   t0 = time.perf_counter()
   jax.block_until_ready(forward(params, rest, x))
   fwd_compile = time.perf_counter() - t0
-  fwd = _time(lambda i: forward(params, rest, x), iters)
+  fwd, _ = timing.time_call(lambda: forward(params, rest, x), iters, warmup=False)
 
   t0 = time.perf_counter()
   state = {"params": jax.block_until_ready(train_step(params, rest, x, labels, jax.random.key(0))[0])}
   train_compile = time.perf_counter() - t0
 
-  def one(i):
+  state["step"] = 0
+
+  def one():
+    state["step"] += 1
     state["params"], loss = train_step(state["params"], rest, x, labels,
-                                       jax.random.fold_in(jax.random.key(0), i))
+                                       jax.random.fold_in(jax.random.key(0), state["step"]))
     return loss
 
-  step = _time(one, iters)
+  step, _ = timing.time_call(one, iters, warmup=False)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
   return {"backbone": name, "size": size, "batch": batch, "params_M": round(n_params / 1e6, 2),
           "forward_img_s": round(batch / fwd, 3), "train_img_s": round(batch / step, 3),
@@ -87,10 +82,7 @@ def main(argv=None):
   print(" | ".join(cols))
   for r in rows:
     print(" | ".join(str(r[c]) for c in cols))
-  device = jax.devices()[0]
-  aio.write_json(args.out, {"device": f"{device.platform}:{device.device_kind}",
-                            "devices": jax.device_count(), "host": platform.processor() or platform.machine(),
-                            "rows": rows})
+  aio.write_json(args.out, {**timing.device_info(), "rows": rows})
   print(f"wrote {args.out}")
 
 

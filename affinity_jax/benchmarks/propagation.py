@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from affinity_jax import io
+from affinity_jax.benchmarks import timing
 from affinity_jax.ops import affinity, neighbors, random_walk
 
 RADIUS, BETA, T, CHANNELS = 5, 8, 256, 21
@@ -78,22 +79,11 @@ def _banded(cams, feats):
   return random_walk.propagate(cams, feats, radius=RADIUS, beta=BETA, t=T, border=BORDER)
 
 
-def _time(fn, repeats, warmup):
-  if warmup:
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), out
-
-
 def _run_jax(fn, args, repeats, warmup):
   compiled = jax.jit(fn).lower(*args).compile()
   mem = compiled.memory_analysis()
   peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-  sec, out = _time(lambda: compiled(*args), repeats, warmup)
+  sec, out = timing.time_call(lambda: compiled(*args), repeats, warmup)
   return sec, np.asarray(out), peak
 
 

@@ -16,8 +16,8 @@ exactly. With worker_count > 0, grain starts worker processes with `spawn`, so
 the main script needs the usual `if __name__ == "__main__":` guard.
 
 Inference inputs (`multiscale_inputs`) are the spec's 8 passes (4 scales x
-flip), each padded to a multiple of 8 with a record of the padding, and
-`restore_output` crops and un-flips a network output back to the scaled image.
+flip), each padded to a multiple of 8, with the `ops.cam.Pass` that records it
+(`ops.cam.merge_cams` crops, un-flips and merges the outputs).
 """
 
 import dataclasses
@@ -31,11 +31,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from affinity_jax import constants
 from affinity_jax.data import transforms
+from affinity_jax.ops import cam as cam_ops
 from affinity_jax.errors import UserError
 
 CrfLoader = Callable[[str], tuple[np.ndarray, np.ndarray, np.ndarray]]
 MaskLoader = Callable[[str], np.ndarray]
-INFERENCE_SCALES = (1.0, 0.5, 1.5, 2.0)
 
 
 # ----------------------------------------------------------------------------- augmentations
@@ -270,26 +270,10 @@ def iterate_examples(source, process_index: int | None = None,
     yield source[i]
 
 
-@dataclasses.dataclass(frozen=True)
-class PassRecord:
-  """How one inference input was made from the original image.
-
-  Attributes:
-    scale: resize factor of this pass.
-    flip: whether the input is horizontally flipped.
-    size: (h, w) of the scaled image before padding.
-    pad: (bottom, right) zero padding added to reach a multiple of `multiple`.
-  """
-  scale: float
-  flip: bool
-  size: tuple[int, int]
-  pad: tuple[int, int]
-
-
 def multiscale_inputs(image: np.ndarray, normalization: str,
-                      scales: Sequence[float] = INFERENCE_SCALES, flip: bool = True,
-                      multiple: int = 8) -> list[tuple[np.ndarray, PassRecord]]:
-  """The inference passes of one image: each scale, unflipped then flipped.
+                      scales: Sequence[float] = cam_ops.SCALES, flip: bool = True,
+                      multiple: int = 8) -> list[tuple[np.ndarray, cam_ops.Pass]]:
+  """The inference passes of one image, as `ops.cam.pass_plan` lays them out.
 
   Args:
     image: uint8 [H,W,3].
@@ -299,39 +283,18 @@ def multiscale_inputs(image: np.ndarray, normalization: str,
     multiple: pad height and width (bottom/right, zeros after normalisation) to this.
 
   Returns:
-    [(input f32 [1,Hp,Wp,3], PassRecord)], 2 * len(scales) entries when flip.
+    [(input f32 [1,Hp,Wp,3], Pass)], each scale unflipped then (when `flip`) flipped;
+    `ops.cam.merge_cams` takes the passes as its plan.
   """
-  h, w = image.shape[:2]
-  passes = []
-  for s in scales:
-    size = (max(1, round(h * s)), max(1, round(w * s)))
-    x = transforms.normalize(transforms.resize(image, size, "bicubic"), normalization)
-    for f in ((False, True) if flip else (False,)):
-      xf = x[:, ::-1] if f else x
-      padded, pad = transforms.pad_to_multiple(xf, multiple, 0.0)
-      passes.append((padded[None], PassRecord(float(s), f, size, pad)))
+  plan = cam_ops.pass_plan(*image.shape[:2], scales, multiple)
+  passes, scaled = [], {}
+  for p in plan:
+    if p.flip and not flip:
+      continue
+    if p.size not in scaled:
+      scaled[p.size] = transforms.normalize(transforms.resize(image, p.size, "bicubic"),
+                                            normalization)
+    x = scaled[p.size][:, ::-1] if p.flip else scaled[p.size]
+    padded, _ = transforms.pad_to_multiple(x, multiple, 0.0)
+    passes.append((padded[None], p))
   return passes
-
-
-def restore_output(output: np.ndarray, record: PassRecord, stride: int = 1) -> np.ndarray:
-  """Crops the padding off a network output of one pass and undoes its flip.
-
-  Args:
-    output: [..., Hp/stride, Wp/stride, C] for the padded input of `record`.
-    record: that pass's `PassRecord`.
-    stride: the output's stride relative to the input (1 for full-resolution
-      outputs, 8 for feature maps); the kept size is ceil(size / stride).
-
-  Returns:
-    [..., ceil(h/stride), ceil(w/stride), C], unflipped. Exact at stride 1; at
-    a stride that does not divide w, un-flipping mirrors whole cells, so the
-    flipped pass is off by the sub-cell remainder (as in the reference).
-  """
-  h, w = record.size
-  oh, ow = -(-h // stride), -(-w // stride)
-  out = output[..., :oh, :ow, :]
-  if record.flip:
-    # Flipping then right-padding means the image occupies the left of the flipped input;
-    # mirror the kept part back.
-    out = out[..., :, ::-1, :]
-  return out
