@@ -370,3 +370,77 @@ def results_markdown(ctx: common.Context) -> str:
     raise UserError(f"{path} does not exist; run the eval stage first")
   with open(path) as f:
     return f.read()
+
+
+# The propagation benchmark notebook ---------------------------------------------------
+
+
+def propagation_benchmark(sizes: Sequence[tuple[int, int]], *, dim: int = 448,
+                          repeats: int = 5, dense_repeats: int = 1, batch: int = 16,
+                          seed: int = 0) -> list[dict]:
+  """Runs `affinity_jax.benchmarks.propagation.bench` on each feature grid (H, W).
+
+  Returns:
+    Its rows, one per (grid, method): `nodes`, `method`, `batch`, `ms_per_image`,
+    `peak_mb`, speed-ups and max|diff| against the dense NumPy result.
+  """
+  from affinity_jax.benchmarks import propagation
+  rng = np.random.default_rng(seed)
+  rows = []
+  for h, w in sizes:
+    rows += propagation.bench(h, w, dim, repeats, dense_repeats, batch, rng)
+  return rows
+
+
+def _series(rows: Sequence[dict]) -> dict[str, list[dict]]:
+  out = {}
+  for r in rows:
+    name = r["method"] + (f" (batch {r['batch']})" if r["batch"] > 1 else "")
+    out.setdefault(name, []).append(r)
+  return out
+
+
+def benchmark_figure(rows: Sequence[dict], title: str = ""):
+  """Time per image and peak memory against grid nodes (log-log), one line per method.
+
+  Args:
+    rows: `propagation_benchmark` rows.
+    title: figure title (e.g. the device).
+
+  Returns:
+    A matplotlib `Figure` with two axes.
+  """
+  from matplotlib.figure import Figure
+
+  if not rows:
+    raise ValueError("benchmark_figure needs at least one row")
+  fig = Figure(figsize=(11, 4.2))
+  axes = fig.subplots(1, 2)
+  for name, series in _series(rows).items():
+    series = sorted(series, key=lambda r: r["nodes"])
+    nodes = [r["nodes"] for r in series]
+    style = "--" if name.startswith("dense") else "-"
+    axes[0].plot(nodes, [r["ms_per_image"] for r in series], style, marker="o", label=name)
+    axes[1].plot(nodes, [r["peak_mb"] for r in series], style, marker="o", label=name)
+  for ax, what in zip(axes, ("time per image (ms)", "peak memory (MB)")):
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("grid nodes (H x W of the feature map)")
+    ax.set_ylabel(what)
+    ax.grid(True, which="both", alpha=0.3)
+  axes[0].legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  return fig
+
+
+def benchmark_markdown(rows: Sequence[dict]) -> str:
+  """The rows as a Markdown table (grid, method, batch, ms/image, peak MB, speed-up)."""
+  lines = ["| grid | nodes | method | batch | ms / image | peak MB | x dense JAX | max abs diff |",
+           "|---|--:|---|--:|--:|--:|--:|--:|"]
+  for r in rows:
+    lines.append(f"| {r['grid']} | {r['nodes']} | {r['method']} | {r['batch']} | "
+                 f"{r['ms_per_image']:.1f} | {r['peak_mb']:.1f} | "
+                 f"{r['speedup_vs_dense_jax']:.1f} | {r['max_abs_diff_vs_dense_numpy']:.1e} |")
+  return "\n".join(lines) + "\n"
