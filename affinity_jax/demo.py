@@ -11,6 +11,7 @@ multi-scale CAMs, the walk's input and the segmentation prediction reuse the sta
 
 import dataclasses
 import functools
+import io as _io
 import json
 import os
 from typing import Mapping, Sequence
@@ -23,6 +24,7 @@ from flax import nnx
 
 from affinity_jax import config_lib
 from affinity_jax import constants
+from affinity_jax import io
 from affinity_jax.data import transforms
 from affinity_jax.errors import UserError
 from affinity_jax.evaluation import confusion
@@ -36,6 +38,7 @@ from affinity_jax.stages import common
 from affinity_jax.stages import pipeline
 from affinity_jax.stages import random_walk
 from affinity_jax.stages import segmentation
+from affinity_jax.training import mesh as mesh_lib
 
 STRIDE = random_walk.STRIDE
 # Right and down neighbours: the edge map shows 1 - the weaker of the two affinities.
@@ -65,11 +68,13 @@ def run_pipeline(config_spec: str = "configs/scenes.py", workdir: str = "/tmp/sc
   return pipeline.run(config, config_spec, workdir, mode)
 
 
-def open_workdir(workdir: str) -> common.Context:
+def open_workdir(workdir: str, run: bool = True) -> common.Context:
   """The context of a workdir written before (e.g. a copied checkpoint folder).
 
-  The config is the one recorded in `<workdir>/config.json`; stages whose outputs are
-  missing run, finished ones are skipped.
+  Args:
+    workdir: holds `config.json`, whose config (and config name) is used.
+    run: run the stages whose outputs are missing (finished ones are skipped); False
+      only opens the workdir and writes nothing (for reading a run still in progress).
   """
   path = os.path.join(workdir, "config.json")
   try:
@@ -80,6 +85,8 @@ def open_workdir(workdir: str) -> common.Context:
     raise UserError(f"{path}: not a workdir written by affinity_jax ({e})") from None
   config = ml_collections.ConfigDict(_tuples(values))
   config.lock()
+  if not run:
+    return common.Context(config, workdir, mesh_lib.make_mesh())
   return pipeline.run(config, name, workdir)
 
 
@@ -352,11 +359,9 @@ def show(panels: Panels | Sequence[Panels], cell_in: float = 2.2):
 
 
 def save_figure(fig, path: str, dpi: int = 100) -> None:
-  """Writes a figure from `show` as a PNG (atomically)."""
-  import io as _io
+  """Writes a figure from `show` or `benchmark_figure` as a PNG (atomically)."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-  from affinity_jax import io
   FigureCanvasAgg(fig)
   buf = _io.BytesIO()
   fig.savefig(buf, format="png", dpi=dpi)

@@ -114,6 +114,8 @@ def test_open_workdir(ctx, tiny_workdir):
   assert opened.config.cam.scales == ctx.config.cam.scales
   assert opened.config.rw.t == ctx.config.rw.t
   assert "mIoU" in demo.results_markdown(opened)
+  only_read = demo.open_workdir(tiny_workdir, run=False)
+  assert only_read.config.to_dict() == opened.config.to_dict()
 
 
 def test_open_workdir_errors(tmp_path):
