@@ -106,7 +106,11 @@ def image_ids(ctx: common.Context, split: str | None = None) -> list[str]:
 
 @functools.lru_cache(maxsize=4)
 def _affinity_tools(ctx: common.Context):
-  """(jitted `(state, x [1,Hp,Wp,3], grid [1,h,w,L]) -> (aff [1,2,h,w], walked)`, state)."""
+  """AffinityNet + walk of the trained model: (forward, state, normalisation).
+
+  forward: jitted `(state, x [1,Hp,Wp,3], grid [1,h,w,L]) -> (aff [1,2,h,w] to the
+  right/down neighbours, walked [1,h,w,L])`.
+  """
   c = ctx.config
   model = ctx.trained_model("aff")
   graphdef, state = nnx.split(model)
