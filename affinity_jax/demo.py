@@ -1,0 +1,455 @@
+"""What the Colab demo notebook calls: run or open a workdir, explain images, draw panels.
+
+  ctx = demo.run_pipeline("configs/scenes.py", "/tmp/scenes")   # resumes; instant if done
+  demo.show([demo.explain(ctx, i) for i in demo.image_ids(ctx)[:3]])
+  demo.show(demo.predict_image(ctx, my_uint8_rgb_image))
+
+Every panel is an RGB uint8 image of the input's size, so a figure is a plain grid.
+The networks come from the workdir's checkpoints (`Context.trained_model`); the
+multi-scale CAMs, the walk's input and the segmentation prediction reuse the stage code.
+"""
+
+import dataclasses
+import functools
+import io as _io
+import json
+import os
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from affinity_jax import config_lib
+from affinity_jax import constants
+from affinity_jax import io
+from affinity_jax.data import transforms
+from affinity_jax.errors import UserError
+from affinity_jax.evaluation import confusion
+from affinity_jax.evaluation import plots
+from affinity_jax.labels import store
+from affinity_jax.ops import affinity as aff_ops
+from affinity_jax.ops import cam as cam_ops
+from affinity_jax.ops import random_walk as rw_ops
+from affinity_jax.stages import cam as cam_stage
+from affinity_jax.stages import common
+from affinity_jax.stages import pipeline
+from affinity_jax.stages import random_walk
+from affinity_jax.stages import segmentation
+from affinity_jax.training import mesh as mesh_lib
+
+STRIDE = random_walk.STRIDE
+# Right and down neighbours: the edge map shows 1 - the weaker of the two affinities.
+EDGE_OFFSETS = np.array([[0, 1], [1, 0]], np.int32)
+CLASSIFIER_THRESHOLD = 0.5
+
+
+@dataclasses.dataclass
+class Panels:
+  """The pictures of one image: name -> uint8 [H, W, 3], in display order."""
+  title: str
+  images: dict[str, np.ndarray]
+
+
+def run_pipeline(config_spec: str = "configs/scenes.py", workdir: str = "/tmp/scenes",
+                 overrides: Mapping[str, str] | None = None, mode: str = "all"
+                 ) -> common.Context:
+  """Runs (or resumes: finished stages are skipped) the pipeline of `config_spec`.
+
+  Args:
+    config_spec: `path/to/config.py[:arg]`, relative to the current folder or the repo.
+    workdir: where every stage writes; a rerun with the same config is instant.
+    overrides: dotted config key -> value as typed on the command line.
+    mode: `all` or one stage name (`affinity_jax.stages.pipeline.MODES`).
+  """
+  config = config_lib.load_config(config_spec, dict(overrides or {}))
+  return pipeline.run(config, config_spec, workdir, mode)
+
+
+def open_workdir(workdir: str, run: bool = True) -> common.Context:
+  """The context of a workdir written before (e.g. a copied checkpoint folder).
+
+  Args:
+    workdir: holds `config.json`, whose config (and config name) is used.
+    run: run the stages whose outputs are missing (finished ones are skipped); False
+      only opens the workdir and writes nothing (for reading a run still in progress).
+  """
+  path = os.path.join(workdir, "config.json")
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+    name, values = saved["config_name"], saved["config"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise UserError(f"{path}: not a workdir written by affinity_jax ({e})") from None
+  config = ml_collections.ConfigDict(_tuples(values))
+  config.lock()
+  if not run:
+    return common.Context(config, workdir, mesh_lib.make_mesh())
+  return pipeline.run(config, name, workdir)
+
+
+def _tuples(value):
+  """JSON lists back to the tuples configs hold."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def image_ids(ctx: common.Context, split: str | None = None) -> list[str]:
+  """Ids of the evaluation split (default), whose images have every stored output."""
+  return ctx.split(split or ctx.config.data.eval_split).ids()
+
+
+@functools.lru_cache(maxsize=4)
+def _affinity_tools(ctx: common.Context):
+  """AffinityNet + walk of the trained model: (forward, state, normalisation).
+
+  forward: jitted `(state, x [1,Hp,Wp,3], grid [1,h,w,L]) -> (aff [1,2,h,w] to the
+  right/down neighbours, walked [1,h,w,L])`.
+  """
+  c = ctx.config
+  model = ctx.trained_model("aff")
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def forward(state, x, grid):
+    embedding, _ = nnx.merge(graphdef, state)(x, train=False)
+    aff = aff_ops.pairwise_affinity(embedding, EDGE_OFFSETS)
+    walked = rw_ops.propagate(grid, embedding, radius=c.rw.radius, beta=c.rw.beta,
+                              t=c.rw.t, border=c.rw.border)
+    return aff, walked
+
+  return forward, state, common.normalization(model)
+
+
+@functools.lru_cache(maxsize=4)
+def _classifier_tools(ctx: common.Context):
+  """Jitted CAM forward and merge, the classifier's state and its normalisation."""
+  model = ctx.trained_model("cam")
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def forward(state, x):
+    logits, aux = nnx.merge(graphdef, state)(x, train=False)
+    return logits, aux["cams"]
+
+  merge = jax.jit(cam_ops.merge_cams, static_argnames=("plan", "size"))
+  return forward, state, merge, common.normalization(model)
+
+
+@functools.lru_cache(maxsize=4)
+def _segmenter(ctx: common.Context):
+  if not ctx.config.seg.enabled:
+    return None
+  return segmentation.predictor(ctx.trained_model("seg"))
+
+
+def _walk(ctx: common.Context, image: np.ndarray, cams: np.ndarray, keys: np.ndarray
+          ) -> tuple[np.ndarray, np.ndarray]:
+  """AffinityNet + random walk on one image.
+
+  Args:
+    image: uint8 [H, W, 3].
+    cams: [H, W, k] merged CAMs of label ids `keys` [k].
+
+  Returns:
+    (edges float32 [H, W] in [0, 1]: 1 - min affinity to the right/down neighbour,
+     scores float32 [H, W, k + 1]: the walk's output, background first).
+  """
+  forward, state, norm = _affinity_tools(ctx)
+  x, _ = transforms.pad_to_multiple(transforms.normalize(image, norm), STRIDE, 0.0)
+  padded, size = x.shape[:2], image.shape[:2]
+  grid = random_walk.walk_input(cams, keys, ctx.config.rw.alpha, padded)
+  # A fixed channel count (background + 20), so one compile serves every image size.
+  num = grid.shape[-1]
+  grid = np.pad(grid, ((0, 0), (0, 0), (0, 1 + constants.NUM_CLASSES - num)))
+  aff, walked = forward(state, jnp.asarray(x[None]), jnp.asarray(grid[None]))
+  aff = np.array(aff[0])                        # [2, h, w]
+  aff[0, :, -1] = aff[1, -1, :] = 1.0            # No neighbour beyond the map: no edge.
+  edges = 1.0 - aff.min(axis=0)
+  edges = random_walk.scores_to_image(edges[..., None], padded, size)[..., 0]
+  scores = random_walk.scores_to_image(np.asarray(walked[0, ..., :num]), padded, size)
+  return np.clip(edges, 0, 1), scores
+
+
+def _heat(scores: np.ndarray) -> np.ndarray:
+  """[H, W, k] -> [H, W]: max over channels, each channel divided by its own max."""
+  if scores.shape[-1] == 0:
+    return np.zeros(scores.shape[:2], np.float32)
+  top = scores.reshape(-1, scores.shape[-1]).max(axis=0)
+  return (scores / np.maximum(top, 1e-5)).max(axis=-1)
+
+
+def _grey(values: np.ndarray, cmap: str = "gray_r") -> np.ndarray:
+  """A [H, W] map in [0, 1] as a colour-mapped uint8 [H, W, 3] image."""
+  from matplotlib import colormaps
+  rgb = colormaps[cmap](np.clip(values, 0, 1))[..., :3] * 255
+  return np.rint(rgb).astype(np.uint8)
+
+
+def _common_panels(ctx: common.Context, image: np.ndarray, cams: np.ndarray,
+                   keys: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """CAM, background score, learned affinities and walk panels; also the walk labels."""
+  full = common.full_cams(cams, keys)
+  bg = np.asarray(cam_ops.background_score(jnp.asarray(full), ctx.config.rw.alpha))
+  edges, scores = _walk(ctx, image, cams, keys)
+  label_keys = np.concatenate([[0], keys]).astype(np.uint8)
+  panels = {
+      "image": image,
+      "CAM": plots.cam_overlay(image, full),
+      "background score": plots.cam_overlay(image, bg),
+      "learned affinities (edges)": _grey(edges),
+      "random walk": plots.cam_overlay(image, _heat(scores[..., 1:])),
+  }
+  return panels, label_keys[np.argmax(scores, axis=-1)]
+
+
+def affinity_label_map(ctx: common.Context, image_id: str) -> np.ndarray:
+  """The affinity labels of a whole image: uint8 [H, W], 0 bg, ids, 255 neutral.
+
+  The stored CRF marginals of the uncropped image, padded to a multiple of 8, go through
+  the training stage's `label_map_from_crf`; each cell is repeated over its 8 x 8 pixels.
+  """
+  la, ha, keys = store.load(ctx.path("crf"), image_id)
+  size = la.shape[:2]
+  la, _ = transforms.pad_to_multiple(la, STRIDE, 0.0)
+  ha, _ = transforms.pad_to_multiple(ha, STRIDE, 0.0)
+  small = transforms.label_map_from_crf(la, ha, keys, STRIDE)
+  return np.repeat(np.repeat(small, STRIDE, 0), STRIDE, 1)[:size[0], :size[1]]
+
+
+def explain(ctx: common.Context, image_id: str) -> Panels:
+  """Every step of the pipeline on one image of the label splits, from its stored outputs.
+
+  Panels: image, CAM (max over classes), background score (1 - max CAM)^alpha, affinity
+  labels (CRF; cream = neutral), learned affinities as edges, random-walk scores, the
+  random-walk pseudo label, its dCRF refinement (when the config writes it), and the
+  ground truth. The AffinityNet forward and the walk run again for the scores panels.
+  """
+  example = ctx.example(image_id)
+  image = example["image"]
+  cams, keys = common.load_cams(ctx.path("cam_maps", image_id + ".npz"))
+  panels, _ = _common_panels(ctx, image, cams, keys)
+  panels["affinity labels"] = plots.label_overlay(image, affinity_label_map(ctx, image_id))
+  order = ["image", "CAM", "background score", "affinity labels",
+           "learned affinities (edges)", "random walk"]
+  panels = {k: panels[k] for k in order}
+  pseudo = confusion.read_label_png(ctx.path("rw", image_id + ".png"))
+  panels["pseudo label (RW)"] = plots.label_overlay(image, pseudo)
+  crf_png = ctx.path("rw_crf", image_id + ".png")
+  if os.path.exists(crf_png):
+    panels["pseudo label (RW+dCRF)"] = plots.label_overlay(
+        image, confusion.read_label_png(crf_png))
+  panels["ground truth"] = plots.label_overlay(image, example["mask"])
+  return Panels(f"{image_id}: {class_names(keys)}", panels)
+
+
+def class_names(keys: Sequence[int]) -> str:
+  return ", ".join(constants.VOC_CLASSES[int(k) - 1] for k in keys) or "no class"
+
+
+def classify(ctx: common.Context, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Image labels and merged CAMs of a new image, from the trained classifier.
+
+  Args:
+    image: uint8 [H, W, 3].
+
+  Returns:
+    (keys int [k]: label ids whose sigmoid at scale 1 exceeds 0.5, else the top-1;
+     cams float32 [H, W, k]: the 8-pass merged CAMs of those classes).
+  """
+  forward, state, merge, norm = _classifier_tools(ctx)
+  x, _ = transforms.pad_to_multiple(transforms.normalize(image, norm), STRIDE, 0.0)
+  logits, _ = forward(state, jnp.asarray(x[None]))
+  probs = np.asarray(jax.nn.sigmoid(logits[0]))
+  present = probs > CLASSIFIER_THRESHOLD
+  if not present.any():
+    present[np.argmax(probs)] = True
+  labels = present.astype(np.uint8)
+  cams = cam_stage.multiscale_cams(lambda s, x: forward(s, x)[1], state, merge,
+                                   dict(image=image, labels=labels), norm,
+                                   tuple(ctx.config.cam.scales))
+  keys = np.flatnonzero(labels) + 1
+  return keys, cams[..., keys - 1]
+
+
+def predict_image(ctx: common.Context, image: np.ndarray, title: str = "your image"
+                  ) -> Panels:
+  """The trained networks on a new image: CAM, walk, pseudo label, segmentation net.
+
+  Args:
+    image: uint8 [H, W, 3] RGB (any size; grey or RGBA inputs are converted).
+    title: the figure row's title (the predicted classes are appended).
+  """
+  image = as_rgb(image)
+  keys, cams = classify(ctx, image)
+  panels, pseudo = _common_panels(ctx, image, cams, keys)
+  panels["pseudo label (RW)"] = plots.label_overlay(image, pseudo)
+  segmenter = _segmenter(ctx)
+  if segmenter is not None:
+    panels["segmentation net"] = plots.label_overlay(image, segmenter(image))
+  return Panels(f"{title}: {class_names(keys)}", panels)
+
+
+def as_rgb(image) -> np.ndarray:
+  """Any PIL image or array (grey, RGB, RGBA; uint8 or float in [0, 1]) -> uint8 [H, W, 3]."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    scale = 255.0 if image.size and image.max() <= 1.0 else 1.0
+    image = np.clip(np.rint(image * scale), 0, 255).astype(np.uint8)
+  if image.ndim == 2:
+    image = np.repeat(image[..., None], 3, axis=-1)
+  if image.ndim != 3 or image.shape[-1] not in (3, 4):
+    raise UserError(f"image: expected [H, W, 3] RGB, got shape {image.shape}")
+  return np.ascontiguousarray(image[..., :3])
+
+
+def load_image(path: str) -> np.ndarray:
+  """A picture file as uint8 [H, W, 3] RGB."""
+  from PIL import Image
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert("RGB"))
+  except OSError as e:
+    raise UserError(f"{path}: cannot read the image ({e})") from None
+
+
+def new_scene(ctx: common.Context, seed: int = 12345, index: int = 0) -> np.ndarray:
+  """A scene the networks never saw: rendered like the config's data with another seed."""
+  from affinity_jax.data import scenes
+  if ctx.config.data.name != "scenes":
+    raise UserError(f"data.name: new_scene needs the scenes dataset, not "
+                    f"{ctx.config.data.name!r}; load a picture with load_image instead")
+  params = scenes.ScenesConfig.make(**ctx.config.data.scenes).params
+  return scenes.render_scene(seed, index, params)[0]
+
+
+def show(panels: Panels | Sequence[Panels], cell_in: float = 2.2):
+  """Draws panels side by side, one row per image, with titles.
+
+  Args:
+    panels: one `Panels` or a list; rows may have different panel sets (names come
+      from each row's own panels).
+    cell_in: width of one panel in inches.
+
+  Returns:
+    A matplotlib `Figure` (object API; Jupyter displays it, `save_figure` writes it).
+  """
+  from matplotlib.figure import Figure
+
+  rows = [panels] if isinstance(panels, Panels) else list(panels)
+  if not rows:
+    raise ValueError("show needs at least one Panels")
+  cols = max(len(r.images) for r in rows)
+  aspect = max(im.shape[0] / im.shape[1] for r in rows for im in r.images.values())
+  row_in = cell_in * aspect + 0.6
+  fig = Figure(figsize=(cols * cell_in, len(rows) * row_in))
+  for r, row in enumerate(rows):
+    for c, (name, im) in enumerate(row.images.items()):
+      ax = fig.add_subplot(len(rows), cols, r * cols + c + 1)
+      ax.imshow(im, interpolation="nearest")
+      ax.set_xticks([])
+      ax.set_yticks([])
+      ax.set_title(name, fontsize=8)
+      if c == 0:
+        ax.set_ylabel(row.title, fontsize=8)
+  fig.subplots_adjust(left=0.03, right=0.995, top=1 - 0.35 / (len(rows) * row_in),
+                      bottom=0.01, wspace=0.04, hspace=0.3)
+  return fig
+
+
+def save_figure(fig, path: str, dpi: int = 100) -> None:
+  """Writes a figure from `show` or `benchmark_figure` as a PNG (atomically)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+  FigureCanvasAgg(fig)
+  buf = _io.BytesIO()
+  fig.savefig(buf, format="png", dpi=dpi)
+  io.write_bytes(path, buf.getvalue())
+
+
+def results_markdown(ctx: common.Context) -> str:
+  """The evaluation table (`eval/results.md`) of the run."""
+  path = ctx.path("eval", "results.md")
+  if not os.path.exists(path):
+    raise UserError(f"{path} does not exist; run the eval stage first")
+  with open(path) as f:
+    return f.read()
+
+
+# The propagation benchmark notebook ---------------------------------------------------
+
+
+def propagation_benchmark(sizes: Sequence[tuple[int, int]], *, dim: int = 448,
+                          repeats: int = 5, dense_repeats: int = 1, batch: int = 16,
+                          seed: int = 0) -> list[dict]:
+  """Runs `affinity_jax.benchmarks.propagation.bench` on each feature grid (H, W).
+
+  Returns:
+    Its rows, one per (grid, method): `nodes`, `method`, `batch`, `ms_per_image`,
+    `peak_mb`, speed-ups and max|diff| against the dense NumPy result.
+  """
+  from affinity_jax.benchmarks import propagation
+  rng = np.random.default_rng(seed)
+  rows = []
+  for h, w in sizes:
+    rows += propagation.bench(h, w, dim, repeats, dense_repeats, batch, rng)
+  return rows
+
+
+def _series(rows: Sequence[dict]) -> dict[str, list[dict]]:
+  out = {}
+  for r in rows:
+    name = r["method"] + (f" (batch {r['batch']})" if r["batch"] > 1 else "")
+    out.setdefault(name, []).append(r)
+  return out
+
+
+def benchmark_figure(rows: Sequence[dict], title: str = ""):
+  """Time per image and peak memory against grid nodes (log-log), one line per method.
+
+  Args:
+    rows: `propagation_benchmark` rows.
+    title: figure title (e.g. the device).
+
+  Returns:
+    A matplotlib `Figure` with two axes.
+  """
+  from matplotlib.figure import Figure
+
+  if not rows:
+    raise ValueError("benchmark_figure needs at least one row")
+  fig = Figure(figsize=(11, 4.2))
+  axes = fig.subplots(1, 2)
+  for name, series in _series(rows).items():
+    series = sorted(series, key=lambda r: r["nodes"])
+    nodes = [r["nodes"] for r in series]
+    style = "--" if name.startswith("dense") else "-"
+    axes[0].plot(nodes, [r["ms_per_image"] for r in series], style, marker="o", label=name)
+    axes[1].plot(nodes, [r["peak_mb"] for r in series], style, marker="o", label=name)
+  for ax, what in zip(axes, ("time per image (ms)", "peak memory (MB)")):
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("grid nodes (H x W of the feature map)")
+    ax.set_ylabel(what)
+    ax.grid(True, which="both", alpha=0.3)
+  axes[0].legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  return fig
+
+
+def benchmark_markdown(rows: Sequence[dict]) -> str:
+  """The rows as a Markdown table (grid, method, batch, ms/image, peak MB, speed-up)."""
+  lines = ["| grid | nodes | method | batch | ms / image | peak MB | x dense JAX | max abs diff |",
+           "|---|--:|---|--:|--:|--:|--:|--:|"]
+  for r in rows:
+    lines.append(f"| {r['grid']} | {r['nodes']} | {r['method']} | {r['batch']} | "
+                 f"{r['ms_per_image']:.1f} | {r['peak_mb']:.1f} | "
+                 f"{r['speedup_vs_dense_jax']:.1f} | {r['max_abs_diff_vs_dense_numpy']:.1e} |")
+  return "\n".join(lines) + "\n"
