@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from affinity_jax import config_lib
 from affinity_jax import constants
@@ -32,7 +31,6 @@ from affinity_jax.evaluation import plots
 from affinity_jax.labels import store
 from affinity_jax.ops import affinity as aff_ops
 from affinity_jax.ops import cam as cam_ops
-from affinity_jax.ops import random_walk as rw_ops
 from affinity_jax.stages import cam as cam_stage
 from affinity_jax.stages import common
 from affinity_jax.stages import pipeline
@@ -106,39 +104,18 @@ def image_ids(ctx: common.Context, split: str | None = None) -> list[str]:
 
 @functools.lru_cache(maxsize=4)
 def _affinity_tools(ctx: common.Context):
-  """AffinityNet + walk of the trained model: (forward, state, normalisation).
-
-  forward: jitted `(state, x [1,Hp,Wp,3], grid [1,h,w,L]) -> (aff [1,2,h,w] to the
-  right/down neighbours, walked [1,h,w,L])`.
-  """
-  c = ctx.config
+  """The trained AffinityNet + walk: (walk, state, normalisation), see `walker`."""
   model = ctx.trained_model("aff")
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def forward(state, x, grid):
-    embedding, _ = nnx.merge(graphdef, state)(x, train=False)
-    aff = aff_ops.pairwise_affinity(embedding, EDGE_OFFSETS)
-    walked = rw_ops.propagate(grid, embedding, radius=c.rw.radius, beta=c.rw.beta,
-                              t=c.rw.t, border=c.rw.border)
-    return aff, walked
-
-  return forward, state, common.normalization(model)
+  walk, state = random_walk.walker(model, ctx.config.rw)
+  return walk, state, common.normalization(model)
 
 
 @functools.lru_cache(maxsize=4)
 def _classifier_tools(ctx: common.Context):
   """Jitted CAM forward and merge, the classifier's state and its normalisation."""
   model = ctx.trained_model("cam")
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def forward(state, x):
-    logits, aux = nnx.merge(graphdef, state)(x, train=False)
-    return logits, aux["cams"]
-
-  merge = jax.jit(cam_ops.merge_cams, static_argnames=("plan", "size"))
-  return forward, state, merge, common.normalization(model)
+  forward, state = cam_stage.classifier_forward(model)
+  return forward, state, cam_stage.jitted_merge(), common.normalization(model)
 
 
 @functools.lru_cache(maxsize=4)
@@ -160,15 +137,15 @@ def _walk(ctx: common.Context, image: np.ndarray, cams: np.ndarray, keys: np.nda
     (edges float32 [H, W] in [0, 1]: 1 - min affinity to the right/down neighbour,
      scores float32 [H, W, k + 1]: the walk's output, background first).
   """
-  forward, state, norm = _affinity_tools(ctx)
+  walk, state, norm = _affinity_tools(ctx)
   x, _ = transforms.pad_to_multiple(transforms.normalize(image, norm), STRIDE, 0.0)
   padded, size = x.shape[:2], image.shape[:2]
   grid = random_walk.walk_input(cams, keys, ctx.config.rw.alpha, padded)
   # A fixed channel count (background + 20), so one compile serves every image size.
   num = grid.shape[-1]
   grid = np.pad(grid, ((0, 0), (0, 0), (0, 1 + constants.NUM_CLASSES - num)))
-  aff, walked = forward(state, jnp.asarray(x[None]), jnp.asarray(grid[None]))
-  aff = np.array(aff[0])                        # [2, h, w]
+  walked, embedding = walk(state, jnp.asarray(x[None]), jnp.asarray(grid[None]))
+  aff = np.array(aff_ops.pairwise_affinity(embedding, EDGE_OFFSETS)[0])  # [2, h, w]
   aff[0, :, -1] = aff[1, -1, :] = 1.0            # No neighbour beyond the map: no edge.
   edges = 1.0 - aff.min(axis=0)
   edges = random_walk.scores_to_image(edges[..., None], padded, size)[..., 0]
@@ -270,7 +247,7 @@ def classify(ctx: common.Context, image: np.ndarray) -> tuple[np.ndarray, np.nda
   if not present.any():
     present[np.argmax(probs)] = True
   labels = present.astype(np.uint8)
-  cams = cam_stage.multiscale_cams(lambda s, x: forward(s, x)[1], state, merge,
+  cams = cam_stage.multiscale_cams(forward, state, merge,
                                    dict(image=image, labels=labels), norm,
                                    tuple(ctx.config.cam.scales))
   keys = np.flatnonzero(labels) + 1

@@ -1,12 +1,9 @@
 """Stages 2 and 3: CRF labels on the host (`aff_labels`) and AffinityNet (`train_aff`)."""
 
 import functools
-import os
 
-import jax
 import jax.numpy as jnp
 
-from affinity_jax import io
 from affinity_jax.data import pipeline
 from affinity_jax.labels import crf
 from affinity_jax.labels import store
@@ -14,14 +11,6 @@ from affinity_jax.ops import affinity as aff_ops
 from affinity_jax.ops import neighbors
 from affinity_jax.stages import common
 from affinity_jax.training import loop
-
-
-def labels_done(ctx: common.Context) -> bool:
-  return os.path.exists(_marker(ctx))
-
-
-def _marker(ctx: common.Context) -> str:
-  return ctx.path("crf", f"DONE-{jax.process_index()}")
 
 
 def make_labels(ctx: common.Context) -> None:
@@ -34,7 +23,7 @@ def make_labels(ctx: common.Context) -> None:
 
   crf.run_pool(ctx.label_ids(), load, ctx.path("crf"), workers=c.crf.num_workers,
                la_alpha=c.crf.la_alpha, ha_alpha=c.crf.ha_alpha)
-  io.write_text(_marker(ctx), "")
+  common.mark_finished(ctx, "crf")
 
 
 def affinity_loss(model, batch, rng, train=True, *, radius: int, border: str):
@@ -45,11 +34,6 @@ def affinity_loss(model, batch, rng, train=True, *, radius: int, border: str):
   aff = aff_ops.pairwise_affinity(embedding, offsets)
   loss, aux = aff_ops.affinity_loss(aff, labels, border=border)
   return loss, {k: v for k, v in aux.items() if jnp.ndim(v) == 0}
-
-
-def train_done(ctx: common.Context) -> bool:
-  step = loop.latest_step(ctx.path("aff"), ctx.config.aff.train)
-  return step is not None and step >= ctx.config.aff.train.steps
 
 
 def train(ctx: common.Context) -> None:

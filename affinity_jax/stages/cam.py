@@ -9,7 +9,6 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from affinity_jax import io
 from affinity_jax.data import pipeline
 from affinity_jax.ops import cam as cam_ops
 from affinity_jax.stages import common
@@ -25,11 +24,6 @@ def classification_loss(model, batch, rng, train=True):
   return loss, {"label_accuracy": accuracy}
 
 
-def train_done(ctx: common.Context) -> bool:
-  step = loop.latest_step(ctx.path("cam"), ctx.config.cam.train)
-  return step is not None and step >= ctx.config.cam.train.steps
-
-
 def train(ctx: common.Context) -> None:
   c = ctx.config
   model = ctx.make_model("cam")
@@ -42,27 +36,13 @@ def train(ctx: common.Context) -> None:
              model.backbone.frozen_prefixes, ctx.mesh)
 
 
-def infer_done(ctx: common.Context) -> bool:
-  return os.path.exists(_marker(ctx))
-
-
-def _marker(ctx: common.Context) -> str:
-  return ctx.path("cam_maps", f"DONE-{jax.process_index()}")
-
-
 def infer(ctx: common.Context) -> None:
   """Writes `cam_maps/<id>.npz`: the merged 8-pass CAMs of each image's present classes."""
   c = ctx.config
   model = ctx.trained_model("cam")
-  graphdef, state = nnx.split(model)
+  forward, state = classifier_forward(model)
   norm = common.normalization(model)
-
-  @jax.jit
-  def forward(state, x):
-    _, aux = nnx.merge(graphdef, state)(x, train=False)
-    return aux["cams"]
-
-  merge = jax.jit(cam_ops.merge_cams, static_argnames=("plan", "size"))
+  merge = jitted_merge()
   out_dir = ctx.path("cam_maps")
   for image_id in tqdm(ctx.label_ids(), desc="infer_cam", disable=None):
     path = os.path.join(out_dir, image_id + ".npz")
@@ -72,7 +52,29 @@ def infer(ctx: common.Context) -> None:
     cams = multiscale_cams(forward, state, merge, example, norm, tuple(c.cam.scales))
     keys = np.flatnonzero(example["labels"]) + 1
     common.save_cams(path, cams[..., keys - 1], keys)
-  io.write_text(_marker(ctx), "")
+  common.mark_finished(ctx, "cam_maps")
+
+
+def classifier_forward(model):
+  """The classifier in inference mode, split for jit.
+
+  Returns:
+    (forward, state): jitted `forward(state, x [B,H,W,3]) -> (logits [B,20],
+    cams [B,ceil(H/8),ceil(W/8),20])` and the model's nnx state.
+  """
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def forward(state, x):
+    logits, aux = nnx.merge(graphdef, state)(x, train=False)
+    return logits, aux["cams"]
+
+  return forward, state
+
+
+def jitted_merge():
+  """`ops.cam.merge_cams` jitted, with the plan and the image size static."""
+  return jax.jit(cam_ops.merge_cams, static_argnames=("plan", "size"))
 
 
 def multiscale_cams(forward, state, merge, example: dict, normalization: str,
@@ -80,9 +82,9 @@ def multiscale_cams(forward, state, merge, example: dict, normalization: str,
   """The spec's 8-pass CAM of one image: float32 [H, W, 20], each class max-normalised.
 
   Args:
-    forward: jitted `(state, x [2,Hp,Wp,3]) -> cams [2,h,w,20]`.
+    forward: from `classifier_forward`.
     state: the classifier's nnx state.
-    merge: jitted `cam_ops.merge_cams`.
+    merge: from `jitted_merge`.
     example: a dataset example (image, labels).
     normalization: the backbone's input normalisation.
     scales: inference scales; every scale runs unflipped and flipped in one call.
@@ -91,7 +93,7 @@ def multiscale_cams(forward, state, merge, example: dict, normalization: str,
   cams, plan = [], []
   for i in range(0, len(passes), 2):
     (x0, r0), (x1, r1) = passes[i], passes[i + 1]
-    out = forward(state, jnp.asarray(np.concatenate([x0, x1])))
+    _, out = forward(state, jnp.asarray(np.concatenate([x0, x1])))
     cams += [out[:1], out[1:]]
     plan += [r0, r1]
   size = example["image"].shape[:2]

@@ -88,11 +88,36 @@ class Context:
     stage_config = self.config[kind].train
     step = loop.restore_model(model, stage_config, self.path(kind),
                               model.backbone.frozen_prefixes, self.mesh)
-    if step is None or step < stage_config.steps:
+    if not _complete(step, stage_config):
       raise UserError(f"{self.path(kind, 'ckpt')}: training stage train_{kind} has not "
                       f"finished (step {step or 0} of {stage_config.steps}); run "
                       f"--mode=train_{kind} first")
     return model
+
+
+def _complete(step: int | None, train_config) -> bool:
+  return step is not None and step >= train_config.steps
+
+
+def trained(ctx: Context, kind: str) -> bool:
+  """Whether the training stage of network `kind` ("cam", "aff", "seg") has finished."""
+  train_config = ctx.config[kind].train
+  return _complete(loop.latest_step(ctx.path(kind), train_config), train_config)
+
+
+def _marker(ctx: Context, folder: str) -> str:
+  # One marker per process: on several hosts each writes its share of the images.
+  return ctx.path(folder, f"DONE-{jax.process_index()}")
+
+
+def finished(ctx: Context, folder: str) -> bool:
+  """Whether an inference stage wrote all its files into `folder` (see `mark_finished`)."""
+  return os.path.exists(_marker(ctx, folder))
+
+
+def mark_finished(ctx: Context, folder: str) -> None:
+  """Records that every per-image file of `folder` is written (a killed run has none)."""
+  io.write_text(_marker(ctx, folder), "")
 
 
 def normalization(model: nnx.Module) -> str:

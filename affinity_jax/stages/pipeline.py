@@ -26,12 +26,13 @@ class Stage:
 
 
 STAGES = (
-    Stage("train_cam", cam.train_done, cam.train),
-    Stage("infer_cam", cam.infer_done, cam.infer),
-    Stage("aff_labels", affinity.labels_done, affinity.make_labels),
-    Stage("train_aff", affinity.train_done, affinity.train),
-    Stage("infer_rw", random_walk.done, random_walk.infer),
-    Stage("train_seg", segmentation.train_done, segmentation.train),
+    Stage("train_cam", lambda ctx: common.trained(ctx, "cam"), cam.train),
+    Stage("infer_cam", lambda ctx: common.finished(ctx, "cam_maps"), cam.infer),
+    Stage("aff_labels", lambda ctx: common.finished(ctx, "crf"), affinity.make_labels),
+    Stage("train_aff", lambda ctx: common.trained(ctx, "aff"), affinity.train),
+    Stage("infer_rw", lambda ctx: common.finished(ctx, "rw"), random_walk.infer),
+    Stage("train_seg", lambda ctx: not ctx.config.seg.enabled or common.trained(ctx, "seg"),
+          segmentation.train),
     Stage("eval", evaluate.done, evaluate.run),
 )
 MODES = ("all",) + tuple(s.name for s in STAGES)

@@ -14,7 +14,6 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from affinity_jax import io
 from affinity_jax.data import transforms
 from affinity_jax.labels import crf
 from affinity_jax.ops import cam as cam_ops
@@ -25,14 +24,6 @@ STRIDE = 8
 # Batched inputs are padded up to a multiple of this many pixels, so that images of
 # many sizes share a few compiled shapes.
 BUCKET = 64
-
-
-def done(ctx: common.Context) -> bool:
-  return os.path.exists(_marker(ctx))
-
-
-def _marker(ctx: common.Context) -> str:
-  return ctx.path("rw", f"DONE-{jax.process_index()}")
 
 
 def walk_input(cams: np.ndarray, keys: np.ndarray, alpha: float, padded: tuple[int, int]
@@ -64,17 +55,36 @@ def scores_to_image(scores: np.ndarray, padded: tuple[int, int], size: tuple[int
   return np.asarray(up)[:size[0], :size[1]]
 
 
+def walker(model, rw_config):
+  """AffinityNet in inference mode followed by the random walk, split for jit.
+
+  Args:
+    model: a trained AffinityNet.
+    rw_config: `config.rw` (radius, beta, t, border).
+
+  Returns:
+    (walk, state): jitted `walk(state, x [B,H,W,3], cams [B,H/8,W/8,L], valid
+    [B,H/8,W/8] bool or None) -> (scores [B,H/8,W/8,L], embedding [B,H/8,W/8,D])`
+    and the model's nnx state.
+  """
+  graphdef, state = nnx.split(model)
+  r = rw_config
+
+  @jax.jit
+  def walk(state, x, cams, valid=None):
+    embedding, _ = nnx.merge(graphdef, state)(x, train=False)
+    scores = random_walk.propagate(cams, embedding, radius=r.radius, beta=r.beta, t=r.t,
+                                   border=r.border, valid=valid)
+    return scores, embedding
+
+  return walk, state
+
+
 def infer(ctx: common.Context) -> None:
   c = ctx.config
   model = ctx.trained_model("aff")
-  graphdef, state = nnx.split(model)
+  walk, state = walker(model, c.rw)
   norm = common.normalization(model)
-
-  @jax.jit
-  def walk(state, x, cams, valid):
-    embedding, _ = nnx.merge(graphdef, state)(x, train=False)
-    return random_walk.propagate(cams, embedding, radius=c.rw.radius, beta=c.rw.beta,
-                                 t=c.rw.t, border=c.rw.border, valid=valid)
 
   todo = [i for i in ctx.label_ids()
           if not os.path.exists(ctx.path("rw", i + ".png"))
@@ -95,14 +105,15 @@ def infer(ctx: common.Context) -> None:
       x[b, :ph, :pw] = it["x"]
       grid[b, :gh, :gw, :gc] = it["grid"]
       valid[b, :gh, :gw] = True
-    out = np.asarray(walk(state, jnp.asarray(x), jnp.asarray(grid), jnp.asarray(valid)))
+    out, _ = walk(state, jnp.asarray(x), jnp.asarray(grid), jnp.asarray(valid))
+    out = np.asarray(out)
     for b, it in enumerate(items):
       gh, gw, gc = it["grid"].shape
       _write(ctx, it, scores_to_image(out[b, :gh, :gw, :gc], it["padded"],
                                       it["image"].shape[:2]))
       bar.update(1)
   bar.close()
-  io.write_text(_marker(ctx), "")
+  common.mark_finished(ctx, "rw")
 
 
 def _prepare(ctx: common.Context, image_id: str, norm: str) -> dict:

@@ -34,13 +34,6 @@ def pseudo_mask(directory: str, image_id: str) -> np.ndarray:
   return confusion.read_label_png(os.path.join(directory, image_id + ".png"))
 
 
-def train_done(ctx: common.Context) -> bool:
-  if not ctx.config.seg.enabled:
-    return True
-  step = loop.latest_step(ctx.path("seg"), ctx.config.seg.train)
-  return step is not None and step >= ctx.config.seg.train.steps
-
-
 def train(ctx: common.Context) -> None:
   c = ctx.config
   if not c.seg.enabled:
