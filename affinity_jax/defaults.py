@@ -86,6 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Stage 5: segmentation network on the pseudo masks.
   c.seg = ml_collections.ConfigDict(dict(
       enabled=True,
+      head_dilation=12,          # the LargeFOV head's 3x3 dilation (fit it to the grid)
       batch_size=16,
       crop=448,
       resize_long=(256, 512),

@@ -24,10 +24,11 @@ def get_config(arg=None):
     c.data.train_split = c.data.label_split = c.data.eval_split = "train"
     c.data.num_workers = 0
     c.cam.batch_size = c.aff.batch_size = c.seg.batch_size = 8
-    c.cam.crop = c.aff.crop = c.seg.crop = 320
-    c.cam.train.update(steps=150, log_every=10, ckpt_every=50)
-    c.aff.train.update(steps=150, log_every=10, ckpt_every=50)
-    c.seg.train.update(steps=150, log_every=10, ckpt_every=50)
+    c.cam.crop = c.aff.crop = c.seg.crop = 256
+    c.cam.resize_long = c.seg.resize_long = (192, 320)
+    c.cam.scales = (1.0, 0.5, 1.5)
+    for stage in (c.cam, c.aff, c.seg):
+      stage.train.update(steps=60, log_every=10, ckpt_every=20)
   elif arg == "tiny":
     defaults.shrink_for_smoke_test(c)
   elif arg:

@@ -75,8 +75,9 @@ class Context:
   def make_model(self, kind: str) -> nnx.Module:
     """A fresh network: kind is "cam", "aff" or "seg"."""
     cls = {"cam": heads.CAMNet, "aff": heads.AffinityNet, "seg": heads.SegNet}[kind]
+    kw = dict(dilation=self.config.seg.head_dilation) if kind == "seg" else {}
     model = cls(self.config.model.backbone, rngs=nnx.Rngs(self.config.seed),
-                norm=self.config.model.norm)
+                norm=self.config.model.norm, **kw)
     if self.config.model.pretrained:
       from affinity_jax.weights import load
       load.load_pretrained(model, self.config.model.pretrained)

@@ -18,7 +18,11 @@ from affinity_jax.ops import metrics
 from affinity_jax.stages import common
 from affinity_jax.stages import segmentation
 
-NAMES = ("background",) + constants.VOC_CLASSES
+def class_names(dataset: str) -> tuple[str, ...]:
+  """Row names of the reports: VOC's classes, or numbered classes for the scenes."""
+  if dataset == "scenes":
+    return ("background",) + tuple(f"class {i}" for i in range(1, constants.NUM_LABELS))
+  return ("background",) + constants.VOC_CLASSES
 
 
 def done(ctx: common.Context) -> bool:
@@ -74,6 +78,7 @@ def run(ctx: common.Context) -> dict:
     methods[f"seg ({c.data.seg_eval_split})"] = (
         (predict(e["image"]), e["mask"]) for e in _examples(ctx, c.data.seg_eval_split))
   cms = confusion.evaluate(methods, progress=True)
+  names = class_names(c.data.name)
   best = ()
   if c.eval.cam_sweep:
     threshold, cm, mious = cam_sweep(ctx, ids, gt)
@@ -86,7 +91,7 @@ def run(ctx: common.Context) -> dict:
     if best and name == best[0]:
       continue
     slug = name.split(" ")[0].replace("+", "_").lower()
-    plots.confusion_plot(os.path.join(out, f"confusion_{slug}.png"), cm, NAMES,
+    plots.confusion_plot(os.path.join(out, f"confusion_{slug}.png"), cm, names,
                          title=name)
   rows = []
   for image_id in ids[:c.eval.num_overlays]:
@@ -97,4 +102,5 @@ def run(ctx: common.Context) -> dict:
   plots.overlay_grid(os.path.join(out, "overlays.png"), rows)
   title = (f"{c.data.name}: pseudo masks on {c.data.eval_split}"
            + (f", segmentation net on {c.data.seg_eval_split}" if c.seg.enabled else ""))
-  return report.write(out, cms, only_present=c.data.name == "scenes", title=title)
+  return report.write(out, cms, only_present=c.data.name == "scenes", title=title,
+                      names=names)
