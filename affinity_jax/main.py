@@ -13,6 +13,8 @@ from affinity_jax import config_lib
 
 
 def main(argv: Sequence[str]) -> None:
+  from absl import logging  # TFDS logs a warning per custom scenes config; keep errors.
+  logging.set_verbosity(logging.ERROR)
   from affinity_jax.stages import pipeline  # Heavy imports after argument errors.
 
   cl = config_lib.parse_command_line(argv, modes=pipeline.MODES)

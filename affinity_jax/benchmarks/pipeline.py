@@ -42,7 +42,6 @@ from affinity_jax.errors import UserError
 from affinity_jax.labels import crf
 from affinity_jax.models import heads
 from affinity_jax.ops import cam as cam_ops
-from affinity_jax.ops import random_walk
 from affinity_jax.stages import affinity as aff_stage
 from affinity_jax.stages import cam as cam_stage
 from affinity_jax.stages import random_walk as rw_stage
@@ -219,20 +218,16 @@ def bench_infer_rw(backbone: str, image: np.ndarray, cams: np.ndarray, batches,
                    repeats: int) -> list[dict]:
   """Rows: AffinityNet forward + walk as `stages.random_walk.infer`, per batch size, and
   the dense CRF the stage runs on each walked image."""
-  rw = defaults.base_config().rw
+  config = defaults.base_config()
+  rw = config.rw
   model = heads.AffinityNet(backbone, rngs=nnx.Rngs(0))
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def walk(state, x, cams, valid):
-    embedding, _ = nnx.merge(graphdef, state)(x, train=False)
-    return random_walk.propagate(cams, embedding, radius=rw.radius, beta=rw.beta, t=rw.t,
-                                 border=rw.border, valid=valid)
+  walk, state = rw_stage.walker(model, rw)
 
   x, _ = transforms.pad_to_multiple(transforms.normalize(image, model.backbone.normalization),
                                     rw_stage.STRIDE, 0.0)
   grid = rw_stage.walk_input(cams, np.asarray(PRESENT), rw.alpha, x.shape[:2])
-  bh, bw = (-(-s // rw_stage.BUCKET) * rw_stage.BUCKET for s in x.shape[:2])
+  bucket = config.data.infer_pad
+  bh, bw = (-(-s // bucket) * bucket for s in x.shape[:2])
   gh, gw = bh // rw_stage.STRIDE, bw // rw_stage.STRIDE
   rows = []
   for b in batches:

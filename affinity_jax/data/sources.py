@@ -83,6 +83,10 @@ class DecodedSource:
                       f"(has {sorted(builder.info.splits)})")
     self._length = builder.info.splits[split].num_examples
     self._builder_dir = os.fspath(builder.data_dir)
+    for path in map(os.fspath, builder.info.splits[split].filepaths):
+      if not os.path.isfile(path):
+        raise UserError(f"{path}: missing from the prepared {dataset} dataset (half-prepared "
+                        f"or damaged); delete {self._builder_dir} and prepare it again")
 
   def _open(self):
     if self._source is None:

@@ -49,7 +49,8 @@ def infer(ctx: common.Context) -> None:
     if os.path.exists(path):
       continue
     example = ctx.example(image_id)
-    cams = multiscale_cams(forward, state, merge, example, norm, tuple(c.cam.scales))
+    cams = multiscale_cams(forward, state, merge, example, norm, tuple(c.cam.scales),
+                           c.data.infer_pad)
     keys = np.flatnonzero(example["labels"]) + 1
     common.save_cams(path, cams[..., keys - 1], keys)
   common.mark_finished(ctx, "cam_maps")
@@ -78,7 +79,7 @@ def jitted_merge():
 
 
 def multiscale_cams(forward, state, merge, example: dict, normalization: str,
-                    scales: tuple[float, ...]) -> np.ndarray:
+                    scales: tuple[float, ...], pad_multiple: int = 8) -> np.ndarray:
   """The spec's 8-pass CAM of one image: float32 [H, W, 20], each class max-normalised.
 
   Args:
@@ -88,8 +89,10 @@ def multiscale_cams(forward, state, merge, example: dict, normalization: str,
     example: a dataset example (image, labels).
     normalization: the backbone's input normalisation.
     scales: inference scales; every scale runs unflipped and flipped in one call.
+    pad_multiple: inputs are padded to a multiple of this (of 8).
   """
-  passes = pipeline.multiscale_inputs(example["image"], normalization, scales, flip=True)
+  passes = pipeline.multiscale_inputs(example["image"], normalization, scales, flip=True,
+                                      multiple=pad_multiple)
   cams, plan = [], []
   for i in range(0, len(passes), 2):
     (x0, r0), (x1, r1) = passes[i], passes[i + 1]

@@ -74,7 +74,7 @@ def run(ctx: common.Context) -> dict:
   if c.rw.dcrf:
     methods["CAM+RW+dCRF"] = confusion.png_pairs(ids, ctx.path("rw_crf"), gt)
   if c.seg.enabled:
-    predict = segmentation.predictor(ctx.trained_model("seg"))
+    predict = segmentation.predictor(ctx.trained_model("seg"), c.data.infer_pad)
     methods[f"seg ({c.data.seg_eval_split})"] = (
         (predict(e["image"]), e["mask"]) for e in _examples(ctx, c.data.seg_eval_split))
   cms = confusion.evaluate(methods, progress=True)

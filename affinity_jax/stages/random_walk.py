@@ -21,9 +21,6 @@ from affinity_jax.ops import random_walk
 from affinity_jax.stages import common
 
 STRIDE = 8
-# Batched inputs are padded up to a multiple of this many pixels, so that images of
-# many sizes share a few compiled shapes.
-BUCKET = 64
 
 
 def walk_input(cams: np.ndarray, keys: np.ndarray, alpha: float, padded: tuple[int, int]
@@ -95,7 +92,8 @@ def infer(ctx: common.Context) -> None:
     items = [_prepare(ctx, image_id, norm) for image_id in chunk]
     bh = max(it["padded"][0] for it in items)
     bw = max(it["padded"][1] for it in items)
-    bh, bw = -(-bh // BUCKET) * BUCKET, -(-bw // BUCKET) * BUCKET
+    bucket = c.data.infer_pad  # Few compiled shapes for many image sizes.
+    bh, bw = -(-bh // bucket) * bucket, -(-bw // bucket) * bucket
     num_ch = max(it["grid"].shape[-1] for it in items)
     x = np.zeros((len(items), bh, bw, 3), np.float32)
     grid = np.zeros((len(items), bh // STRIDE, bw // STRIDE, num_ch), np.float32)

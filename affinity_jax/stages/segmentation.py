@@ -49,8 +49,11 @@ def train(ctx: common.Context) -> None:
              model.backbone.frozen_prefixes, ctx.mesh)
 
 
-def predictor(model: nnx.Module):
-  """`predict(image uint8 [H, W, 3]) -> label ids uint8 [H, W]` (single scale)."""
+def predictor(model: nnx.Module, pad_multiple: int = 8):
+  """`predict(image uint8 [H, W, 3]) -> label ids uint8 [H, W]` (single scale).
+
+  The input is zero-padded (bottom/right) to a multiple of `pad_multiple` (of 8).
+  """
   graphdef, state = nnx.split(model)
   norm = common.normalization(model)
 
@@ -60,7 +63,7 @@ def predictor(model: nnx.Module):
     return jnp.argmax(logits, -1).astype(jnp.uint8)
 
   def predict(image: np.ndarray) -> np.ndarray:
-    x, _ = transforms.pad_to_multiple(transforms.normalize(image, norm), 8, 0.0)
+    x, _ = transforms.pad_to_multiple(transforms.normalize(image, norm), pad_multiple, 0.0)
     return np.asarray(forward(state, jnp.asarray(x[None])))[0, :image.shape[0],
                                                               :image.shape[1]]
   return predict
