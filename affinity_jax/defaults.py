@@ -2,7 +2,7 @@
 
 Each file in `configs/` starts from `base_config()` and changes what its experiment
 needs. Keys cannot be added afterwards (configs are locked), so this function is the
-one list of what can be set; `docs/configs.md` explains each group.
+one list of what can be set, each key explained where it is set.
 """
 
 import ml_collections
