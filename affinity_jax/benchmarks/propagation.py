@@ -99,30 +99,44 @@ def _run_numpy(args, repeats):
   return statistics.median(times), out, peak
 
 
-def bench(h, w, dim, repeats, dense_repeats, batch, rng):
+METHODS = ("dense_numpy", "dense_jax", "banded")
+
+
+def bench(h, w, dim, repeats, dense_repeats, batch, rng, methods=METHODS):
+  """Rows of the table for one grid; `methods` may leave out the (slow) dense ones.
+
+  Speed-ups, memory ratios and differences against a dense method are None when that
+  method was not run (the banded results are then compared with each other only).
+  """
   feats = rng.normal(size=(batch, h, w, dim)).astype(np.float32) * 0.05
   cams = rng.uniform(size=(batch, h, w, CHANNELS)).astype(np.float32)
   one = (jnp.asarray(cams[:1]), jnp.asarray(feats[:1]))
   many = (jnp.asarray(cams), jnp.asarray(feats))
+  runs = []
+  if "dense_numpy" in methods:
+    runs.append(("dense NumPy", 1, *_run_numpy((cams[:1], feats[:1]), dense_repeats)))
+  if "dense_jax" in methods:
+    runs.append(("dense JAX", 1, *_run_jax(_dense_jax, one, dense_repeats, warmup=False)))
+  if "banded" in methods:
+    sec_b1, out_b1, peak_b1 = _run_jax(_banded, one, repeats, warmup=True)
+    sec_bb, out_bb, peak_bb = _run_jax(_banded, many, max(1, repeats // 2), warmup=True)
+    ref_bb = np.concatenate([out_b1, np.asarray(jax.jit(_banded)(*(x[1:] for x in many)))])
+    runs += [("banded JAX", 1, sec_b1, out_b1, peak_b1),
+             ("banded JAX", batch, sec_bb, out_bb, peak_bb)]
+  ref = {name: (sec, out, peak) for name, _, sec, out, peak in runs}
+  sec_np, out_np, _ = ref.get("dense NumPy", (None, None, None))
+  sec_dj, _, peak_dj = ref.get("dense JAX", (None, None, None))
   rows = []
-  n_rep = dense_repeats
-  sec_np, out_np, peak_np = _run_numpy((cams[:1], feats[:1]), n_rep)
-  sec_dj, out_dj, peak_dj = _run_jax(_dense_jax, one, n_rep, warmup=False)
-  sec_b1, out_b1, peak_b1 = _run_jax(_banded, one, repeats, warmup=True)
-  sec_bb, out_bb, peak_bb = _run_jax(_banded, many, max(1, repeats // 2), warmup=True)
-  ref_bb = np.concatenate([out_b1, np.asarray(_banded(*(x[1:] for x in many)))])
-  for name, b, sec, out, peak in (
-      ("dense NumPy", 1, sec_np, out_np, peak_np),
-      ("dense JAX", 1, sec_dj, out_dj, peak_dj),
-      ("banded JAX", 1, sec_b1, out_b1, peak_b1),
-      (f"banded JAX", batch, sec_bb, out_bb, peak_bb)):
+  for name, b, sec, out, peak in runs:
     per_image = sec / b
     rows.append(dict(
         grid=f"{h}x{w}", nodes=h * w, method=name, batch=b, ms_per_image=per_image * 1e3,
         images_per_s=1.0 / per_image, peak_mb=peak / 2**20,
-        speedup_vs_dense_jax=sec_dj / per_image, speedup_vs_dense_numpy=sec_np / per_image,
-        memory_vs_dense_jax=peak / peak_dj,
-        max_abs_diff_vs_dense_numpy=float(np.abs(out[:1] - out_np).max()),
+        speedup_vs_dense_jax=sec_dj / per_image if sec_dj else None,
+        speedup_vs_dense_numpy=sec_np / per_image if sec_np else None,
+        memory_vs_dense_jax=peak / peak_dj if peak_dj else None,
+        max_abs_diff_vs_dense_numpy=(float(np.abs(out[:1] - out_np).max())
+                                     if out_np is not None else None),
         max_abs_diff_batch_vs_single=(float(np.abs(out - ref_bb).max()) if b > 1 else 0.0)))
   return rows
 
@@ -134,6 +148,8 @@ def main(argv=None):
   p.add_argument("--dense-repeats", type=int, default=1)
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--dim", type=int, default=448, help="feature channels D")
+  p.add_argument("--methods", default=",".join(METHODS),
+                 help="comma-separated subset of " + ",".join(METHODS))
   p.add_argument("--out", default="propagation.json")
   a = p.parse_args(argv)
   rng = np.random.default_rng(0)
@@ -145,12 +161,16 @@ def main(argv=None):
   print(head)
   for s in a.sizes:
     h, w = (int(v) for v in s.lower().split("x"))
-    for r in bench(h, w, a.dim, a.repeats, a.dense_repeats, a.batch, rng):
+    for r in bench(h, w, a.dim, a.repeats, a.dense_repeats, a.batch, rng,
+                   tuple(a.methods.split(","))):
       rows.append(r)
+      f = lambda v, spec: "-" if v is None else format(v, spec)
       print(f"{r['grid']:>7} {r['method']:<12} {r['batch']:>3} {r['ms_per_image']:>10.1f} "
-            f"{r['images_per_s']:>8.2f} {r['peak_mb']:>9.1f} {r['speedup_vs_dense_jax']:>8.1f} "
-            f"{r['speedup_vs_dense_numpy']:>9.1f} {r['memory_vs_dense_jax']:>9.4f} "
-            f"{r['max_abs_diff_vs_dense_numpy']:>10.2e}", flush=True)
+            f"{r['images_per_s']:>8.2f} {r['peak_mb']:>9.1f} "
+            f"{f(r['speedup_vs_dense_jax'], '.1f'):>8} "
+            f"{f(r['speedup_vs_dense_numpy'], '.1f'):>9} "
+            f"{f(r['memory_vs_dense_jax'], '.4f'):>9} "
+            f"{f(r['max_abs_diff_vs_dense_numpy'], '.2e'):>10}", flush=True)
   io.write_json(a.out, dict(radius=RADIUS, beta=BETA, t=T, channels=CHANNELS, dim=a.dim,
                             border=BORDER, device=str(jax.devices()[0]), rows=rows))
   print(f"wrote {a.out}")
