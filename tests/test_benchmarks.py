@@ -66,6 +66,16 @@ def test_propagation_benchmark_agrees_with_dense(tmp_path):
     assert r["max_abs_diff_batch_vs_single"] < 1e-5
 
 
+def test_propagation_benchmark_banded_only(tmp_path):
+  out = tmp_path / "banded.json"
+  propagation.main(["--sizes", "10x12", "--repeats", "1", "--batch", "2", "--dim", "4",
+                    "--methods", "banded", "--out", str(out)])
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["method"], r["batch"]) for r in rows] == [("banded JAX", 1), ("banded JAX", 2)]
+  assert all(r["speedup_vs_dense_jax"] is None and r["extra_mb"] >= 0 for r in rows)
+  assert rows[1]["max_abs_diff_batch_vs_single"] < 1e-5
+
+
 def test_models_benchmark_writes_rows(tmp_path):
   out = tmp_path / "models.json"
   models_bench.main(["--backbones=tiny", "--size=32", "--batch=1", "--iters=1",
