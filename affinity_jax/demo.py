@@ -33,6 +33,7 @@ from affinity_jax.ops import affinity as aff_ops
 from affinity_jax.ops import cam as cam_ops
 from affinity_jax.stages import cam as cam_stage
 from affinity_jax.stages import common
+from affinity_jax.stages import evaluate
 from affinity_jax.stages import pipeline
 from affinity_jax.stages import random_walk
 from affinity_jax.stages import segmentation
@@ -222,11 +223,13 @@ def explain(ctx: common.Context, image_id: str) -> Panels:
     panels["pseudo label (RW+dCRF)"] = plots.label_overlay(
         image, confusion.read_label_png(crf_png))
   panels["ground truth"] = plots.label_overlay(image, example["mask"])
-  return Panels(f"{image_id}: {class_names(keys)}", panels)
+  return Panels(f"{image_id}: {class_names(ctx, keys)}", panels)
 
 
-def class_names(keys: Sequence[int]) -> str:
-  return ", ".join(constants.VOC_CLASSES[int(k) - 1] for k in keys) or "no class"
+def class_names(ctx: common.Context, keys: Sequence[int]) -> str:
+  """The names of label ids `keys` as the reports write them ("class 1" for the scenes)."""
+  names = evaluate.class_names(ctx.config.data.name)
+  return ", ".join(names[int(k)] for k in keys) or "no class"
 
 
 def classify(ctx: common.Context, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -269,7 +272,7 @@ def predict_image(ctx: common.Context, image: np.ndarray, title: str = "your ima
   segmenter = _segmenter(ctx)
   if segmenter is not None:
     panels["segmentation net"] = plots.label_overlay(image, segmenter(image))
-  return Panels(f"{title}: {class_names(keys)}", panels)
+  return Panels(f"{title}: {class_names(ctx, keys)}", panels)
 
 
 def as_rgb(image) -> np.ndarray:

@@ -22,6 +22,7 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[Any]:
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
   try:
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode.
     with os.fdopen(fd, mode) as f:
       yield f
       f.flush()
@@ -31,6 +32,12 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[Any]:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
     raise
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def write_bytes(path: str, data: bytes) -> None:

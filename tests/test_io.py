@@ -24,3 +24,11 @@ def test_failure_keeps_old_file_and_no_temp(tmp_path):
       raise RuntimeError("killed")
   assert open(path).read() == "old"
   assert os.listdir(tmp_path) == ["t.txt"]
+
+
+def test_files_get_the_usual_permissions(tmp_path):
+  path = str(tmp_path / "p.txt")
+  io.write_text(path, "x")
+  mask = os.umask(0)
+  os.umask(mask)
+  assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask
