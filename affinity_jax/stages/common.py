@@ -72,20 +72,21 @@ class Context:
     name, i = self._index(self.label_splits())[image_id]
     return self.split(name)[i]
 
-  def make_model(self, kind: str) -> nnx.Module:
-    """A fresh network: kind is "cam", "aff" or "seg"."""
+  def make_model(self, kind: str, pretrained: bool = True) -> nnx.Module:
+    """A fresh network: kind is "cam", "aff" or "seg"; with `model.pretrained` loaded
+    unless `pretrained` is False."""
     cls = {"cam": heads.CAMNet, "aff": heads.AffinityNet, "seg": heads.SegNet}[kind]
     kw = dict(dilation=self.config.seg.head_dilation) if kind == "seg" else {}
     model = cls(self.config.model.backbone, rngs=nnx.Rngs(self.config.seed),
                 norm=self.config.model.norm, **kw)
-    if self.config.model.pretrained:
+    if pretrained and self.config.model.pretrained:
       from affinity_jax.weights import load
       load.load_pretrained(model, self.config.model.pretrained)
     return model
 
   def trained_model(self, kind: str) -> nnx.Module:
     """The network `kind` as its training stage left it; error if that is not done."""
-    model = self.make_model(kind)
+    model = self.make_model(kind, pretrained=False)  # The checkpoint holds every weight.
     stage_config = self.config[kind].train
     step = loop.restore_model(model, stage_config, self.path(kind),
                               model.backbone.frozen_prefixes, self.mesh)

@@ -8,6 +8,7 @@ import os
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from affinity_jax import constants
 from affinity_jax.evaluation import confusion
@@ -29,29 +30,19 @@ def done(ctx: common.Context) -> bool:
   return os.path.exists(ctx.path("eval", "results.json"))
 
 
-def cam_label(ctx: common.Context, image_id: str, threshold: float) -> np.ndarray:
-  """CAM-only pseudo label: argmax over [constant background score, CAMs]."""
-  cams, keys = common.load_cams(ctx.path("cam_maps", image_id + ".npz"))
-  return np.asarray(cam_ops.cam_label_map(common.full_cams(cams, keys), threshold))
-
-
-def cam_sweep(ctx: common.Context, ids: list[str], gt) -> tuple[float, np.ndarray, dict]:
-  """Scores CAM labels at every `eval.cam_sweep` threshold in one pass over the images.
-
-  Returns:
-    (best threshold, its confusion matrix, {threshold: mIoU}).
-  """
-  thresholds = tuple(ctx.config.eval.cam_sweep)
+def cam_confusions(ctx: common.Context, ids: list[str], gt) -> dict[float, np.ndarray]:
+  """Confusion matrices of CAM-only labels (argmax over [constant background score,
+  CAMs]) at `eval.cam_threshold` and every `eval.cam_sweep` threshold, in one pass."""
+  c = ctx.config.eval
+  thresholds = tuple(dict.fromkeys((c.cam_threshold,) + tuple(c.cam_sweep)))
   cms = {t: 0 for t in thresholds}
-  for image_id in ids:
+  for image_id in tqdm(ids, desc="CAM", unit="img"):
     cams, keys = common.load_cams(ctx.path("cam_maps", image_id + ".npz"))
     full, target = common.full_cams(cams, keys), gt(image_id)
     for t in thresholds:
       cms[t] = cms[t] + metrics.confusion_np(np.asarray(cam_ops.cam_label_map(full, t)),
                                              target)
-  mious = {t: metrics.mean_iou(cm) for t, cm in cms.items()}
-  best = max(mious, key=mious.get)
-  return best, cms[best], mious
+  return cms
 
 
 def _examples(ctx: common.Context, split: str):
@@ -67,28 +58,26 @@ def run(ctx: common.Context) -> dict:
   split = ctx.split(c.data.eval_split)
   ids = split.ids()
   gt = lambda image_id: ctx.example(image_id)["mask"]
-  methods = {
-      "CAM": ((cam_label(ctx, i, c.eval.cam_threshold), gt(i)) for i in ids),
-      "CAM+RW": confusion.png_pairs(ids, ctx.path("rw"), gt),
-  }
+  cam_cms = cam_confusions(ctx, ids, gt)
+  cms = {"CAM": cam_cms[c.eval.cam_threshold]}
+  if c.eval.cam_sweep:
+    mious = {t: metrics.mean_iou(cam_cms[t]) for t in c.eval.cam_sweep}
+    best = max(mious, key=mious.get)
+    cms[f"CAM (best t={best:g})"] = cam_cms[best]
+    print("CAM mIoU by background threshold: "
+          + ", ".join(f"{t:g}: {100 * m:.1f}" for t, m in mious.items()), flush=True)
+  methods = {"CAM+RW": confusion.png_pairs(ids, ctx.path("rw"), gt)}
   if c.rw.dcrf:
     methods["CAM+RW+dCRF"] = confusion.png_pairs(ids, ctx.path("rw_crf"), gt)
   if c.seg.enabled:
     predict = segmentation.predictor(ctx.trained_model("seg"), c.data.infer_pad)
     methods[f"seg ({c.data.seg_eval_split})"] = (
         (predict(e["image"]), e["mask"]) for e in _examples(ctx, c.data.seg_eval_split))
-  cms = confusion.evaluate(methods, progress=True)
+  cms.update(confusion.evaluate(methods, progress=True))
   names = class_names(c.data.name)
-  best = ()
-  if c.eval.cam_sweep:
-    threshold, cm, mious = cam_sweep(ctx, ids, gt)
-    best = (f"CAM (best t={threshold:g})", cm)
-    print("CAM mIoU by background threshold: "
-          + ", ".join(f"{t:g}: {100 * m:.1f}" for t, m in mious.items()), flush=True)
-    cms = dict([("CAM", cms["CAM"]), best, *[(k, v) for k, v in cms.items() if k != "CAM"]])
   out = ctx.path("eval")
   for name, cm in cms.items():
-    if best and name == best[0]:
+    if name.startswith("CAM (best"):
       continue
     slug = name.split(" ")[0].replace("+", "_").lower()
     plots.confusion_plot(os.path.join(out, f"confusion_{slug}.png"), cm, names,
