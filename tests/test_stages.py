@@ -166,3 +166,15 @@ def test_voc_sample_end_to_end(tmp_path):
   results = json.load(open(ctx.path("eval", "results.json")))
   assert len(results["methods"]) == 3 and "CAM+RW" in results["methods"]
   assert len(ctx.label_ids()) == 24
+
+
+def test_walk_batches_pad_each_image_and_mask_the_rest():
+  from affinity_jax.stages import random_walk
+  images = [np.ones((16, 24, 3), np.float32), 2 * np.ones((8, 8, 3), np.float32)]
+  grids = [np.ones((2, 3, 2), np.float32), np.ones((1, 1, 3), np.float32)]
+  x, grid, valid = random_walk.batch_inputs(images, grids, bucket=64)
+  assert x.shape == (2, 64, 64, 3) and grid.shape == (2, 8, 8, 3)
+  assert x[0].sum() == 16 * 24 * 3 and x[1].sum() == 2 * 8 * 8 * 3
+  assert grid[0].sum() == 2 * 3 * 2 and grid[1].sum() == 3
+  np.testing.assert_array_equal(valid.sum(axis=(1, 2)), [6, 1])
+  assert valid[0, :2, :3].all() and valid[1, 0, 0]

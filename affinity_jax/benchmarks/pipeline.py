@@ -226,17 +226,10 @@ def bench_infer_rw(backbone: str, image: np.ndarray, cams: np.ndarray, batches,
   x, _ = transforms.pad_to_multiple(transforms.normalize(image, model.backbone.normalization),
                                     rw_stage.STRIDE, 0.0)
   grid = rw_stage.walk_input(cams, np.asarray(PRESENT), rw.alpha, x.shape[:2])
-  bucket = config.data.infer_pad
-  bh, bw = (-(-s // bucket) * bucket for s in x.shape[:2])
-  gh, gw = bh // rw_stage.STRIDE, bw // rw_stage.STRIDE
   rows = []
   for b in batches:
-    xs = np.zeros((b, bh, bw, 3), np.float32)
-    xs[:, :x.shape[0], :x.shape[1]] = x
-    gs = np.zeros((b, gh, gw, grid.shape[-1]), np.float32)
-    gs[:, :grid.shape[0], :grid.shape[1]] = grid
-    valid = np.zeros((b, gh, gw), bool)
-    valid[:, :grid.shape[0], :grid.shape[1]] = True
+    xs, gs, valid = rw_stage.batch_inputs([x] * b, [grid] * b, config.data.infer_pad)
+    gh, gw = valid.shape[1:]
     args = (state, *map(jnp.asarray, (xs, gs, valid)))
     t0 = time.perf_counter()
     jax.block_until_ready(walk(*args))

@@ -79,6 +79,7 @@ def crf_low_high(image: np.ndarray, cams: np.ndarray, keys, *, la_alpha: float =
     raise ValueError(f"cams {cams.shape} vs keys {keys.tolist()}")
   order = np.argsort(keys, kind="stable")
   keys, cams = keys[order], cams[..., order]
+  # ops.cam.background_score in NumPy: this runs in CRF workers, which never import JAX.
   base = 1.0 - (cams.max(axis=-1) if keys.size else np.zeros(cams.shape[:2], np.float32))
   base = np.clip(base, 0.0, 1.0)
   out = []

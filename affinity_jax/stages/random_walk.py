@@ -77,6 +77,33 @@ def walker(model, rw_config):
   return walk, state
 
 
+def batch_inputs(images: list[np.ndarray], grids: list[np.ndarray], bucket: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Pads images of different sizes into one batch for `walker`.
+
+  Args:
+    images: [Hp_i, Wp_i, 3] normalised images, sizes multiples of 8.
+    grids: [Hp_i/8, Wp_i/8, L_i] walk inputs (`walk_input`).
+    bucket: the batch's height and width are rounded up to a multiple of this, so
+      many image sizes share a few compiled shapes.
+
+  Returns:
+    (x [B, H, W, 3], grid [B, H/8, W/8, max L_i], valid [B, H/8, W/8] bool), zeros and
+    False beyond each image.
+  """
+  bh = -(-max(x.shape[0] for x in images) // bucket) * bucket
+  bw = -(-max(x.shape[1] for x in images) // bucket) * bucket
+  num_ch = max(g.shape[-1] for g in grids)
+  x = np.zeros((len(images), bh, bw, 3), np.float32)
+  grid = np.zeros((len(images), bh // STRIDE, bw // STRIDE, num_ch), np.float32)
+  valid = np.zeros(grid.shape[:3], bool)
+  for b, (image, g) in enumerate(zip(images, grids)):
+    x[b, :image.shape[0], :image.shape[1]] = image
+    grid[b, :g.shape[0], :g.shape[1], :g.shape[2]] = g
+    valid[b, :g.shape[0], :g.shape[1]] = True
+  return x, grid, valid
+
+
 def infer(ctx: common.Context) -> None:
   c = ctx.config
   model = ctx.trained_model("aff")
@@ -90,19 +117,8 @@ def infer(ctx: common.Context) -> None:
   for start in range(0, len(todo), c.rw.batch_size):
     chunk = todo[start:start + c.rw.batch_size]
     items = [_prepare(ctx, image_id, norm) for image_id in chunk]
-    bh = max(it["padded"][0] for it in items)
-    bw = max(it["padded"][1] for it in items)
-    bucket = c.data.infer_pad  # Few compiled shapes for many image sizes.
-    bh, bw = -(-bh // bucket) * bucket, -(-bw // bucket) * bucket
-    num_ch = max(it["grid"].shape[-1] for it in items)
-    x = np.zeros((len(items), bh, bw, 3), np.float32)
-    grid = np.zeros((len(items), bh // STRIDE, bw // STRIDE, num_ch), np.float32)
-    valid = np.zeros(grid.shape[:3], bool)
-    for b, it in enumerate(items):
-      (ph, pw), (gh, gw, gc) = it["padded"], it["grid"].shape
-      x[b, :ph, :pw] = it["x"]
-      grid[b, :gh, :gw, :gc] = it["grid"]
-      valid[b, :gh, :gw] = True
+    x, grid, valid = batch_inputs([it["x"] for it in items], [it["grid"] for it in items],
+                                  c.data.infer_pad)
     out, _ = walk(state, jnp.asarray(x), jnp.asarray(grid), jnp.asarray(valid))
     out = np.asarray(out)
     for b, it in enumerate(items):
