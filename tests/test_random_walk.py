@@ -112,3 +112,16 @@ def test_weights_reused_across_t_and_vmap():
   np.testing.assert_allclose(
       np.asarray(per_image(cams, feats)),
       np.asarray(random_walk.propagate(cams, feats, radius=3, t=6)), atol=1e-6)
+
+
+def test_traced_t_equals_static_t():
+  rng = np.random.default_rng()
+  offs = neighbors.half_disk_offsets(3)
+  feats = rng.normal(size=(1, 5, 6, 3)).astype(np.float32)
+  cams = rng.uniform(size=(1, 5, 6, 3)).astype(np.float32)
+  wts = random_walk.transition_weights(affinity.pairwise_affinity(feats, offs), offs, 8)
+  traced = jax.jit(lambda w, x, t: random_walk.apply_transition(w, x, offs, t))
+  for t in (0, 1, 4, 5):
+    np.testing.assert_allclose(
+        np.asarray(traced(wts, cams, jnp.int32(t))),
+        np.asarray(random_walk.apply_transition(wts, cams, offs, t)), atol=1e-6)

@@ -9,8 +9,8 @@ out_j = sum_i T[j, i] x_i.
 Neighbour n of pixel p is p + walk_offsets(offsets)[n]: n = 0 is p itself, 1..K the forward
 offsets, K+1..2K their negatives. Offsets must be concrete (NumPy), never traced.
 
-The walk runs in a padded flat layout [B, C, (H + 2m + 2) * (W + 2m)] (m the largest
-|offset|): every neighbour shift is then one contiguous slice of the flat state, and the
+The walk state is [B, H + 2m, W + 2m, C'] (m the largest |offset|, zero margins, C padded
+to whole vector registers): every neighbour is then a static slice of the state, and the
 whole step (2K + 1 slices, products, sum) is a single fused loop.
 """
 
@@ -22,6 +22,8 @@ import numpy as np
 
 from affinity_jax.ops import neighbors
 from affinity_jax.ops.affinity import pairwise_affinity
+
+_LANES = 8  # float32 lanes of a 256-bit vector register
 
 
 def walk_offsets(offsets) -> np.ndarray:
@@ -60,8 +62,7 @@ def transition_weights(aff: jnp.ndarray, offsets, beta: float = 8, border: str =
   return rows / jnp.sum(rows, axis=1, keepdims=True)
 
 
-def apply_transition(weights: jnp.ndarray, x: jnp.ndarray, offsets, t: int,
-                     unroll: int = 1) -> jnp.ndarray:
+def apply_transition(weights: jnp.ndarray, x: jnp.ndarray, offsets, t: int) -> jnp.ndarray:
   """x <- T x, t times, with T given by its banded rows.
 
   Args:
@@ -70,7 +71,6 @@ def apply_transition(weights: jnp.ndarray, x: jnp.ndarray, offsets, t: int,
     offsets: concrete int [K, 2], the forward offsets `weights` was built with.
     t: number of steps >= 0 (0 returns x); a Python int, or a traced int scalar so one
       compiled function serves every t.
-    unroll: steps per fori_loop iteration (1 is fastest on CPU: larger bodies stop fusing).
 
   Returns:
     float32 [B, H, W, C], out = T^t x.
@@ -87,31 +87,34 @@ def apply_transition(weights: jnp.ndarray, x: jnp.ndarray, offsets, t: int,
   if static_t and t == 0:
     return x
   m = neighbors.radius_of(offsets)
-  wp = w + 2 * m
-  top = m + 1                   # One spare row each side keeps corner reads in range.
-  hp = h + 2 * top
-  start, length = top * wp, h * wp
-  shifts = [int(dy) * wp + int(dx) for dy, dx in nbrs]
+  # Channels last, padded to whole 8-lane vectors: XLA then vectorises over channels and
+  # loads each weight once per pixel for all of them (2.4x faster on CPU than a
+  # channels-first layout, which loads a weight for every product).
+  cp = -(-c // _LANES) * _LANES
+  wts = weights.astype(jnp.float32)[..., None]
+  state = jnp.pad(x, ((0, 0), (m, m), (m, m), (0, cp - c)))
 
-  # Weights on the computed rows (interior rows, full padded width), zero in the margins.
-  wflat = jnp.pad(weights.astype(jnp.float32), ((0, 0), (0, 0), (0, 0), (m, m)))
-  wflat = wflat.reshape(b, len(nbrs), 1, length)
-  state = jnp.pad(jnp.transpose(x, (0, 3, 1, 2)), ((0, 0), (0, 0), (top, top), (m, m)))
-  state = state.reshape(b, c, hp * wp)
-
-  def step(_, s):
-    terms = [wflat[:, n] * jax.lax.slice_in_dim(s, start + d, start + d + length, axis=2)
-             for n, d in enumerate(shifts)]
+  def step(s):
+    terms = [wts[:, n] * s[:, m + dy:m + dy + h, m + dx:m + dx + w]
+             for n, (dy, dx) in enumerate(nbrs)]
     # A balanced sum gives XLA independent products (a chain of 2K adds is ~1.4x slower).
     while len(terms) > 1:
       terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i]
                for i in range(0, len(terms), 2)]
-    return jnp.pad(terms[0], ((0, 0), (0, 0), (start, start)))
+    return jnp.pad(terms[0], ((0, 0), (m, m), (m, m), (0, 0)))
 
-  unroll = max(1, min(unroll, int(t))) if static_t else 1
-  state = jax.lax.fori_loop(0, t, step, state, unroll=unroll)
-  out = state.reshape(b, c, hp, wp)[:, :, top:top + h, m:m + w]
-  return jnp.transpose(out, (0, 2, 3, 1))
+  def two_steps(_, s):
+    # Two steps per iteration, kept apart by the barrier (fused, the second would
+    # recompute the first 2K + 1 times): the loop then ping-pongs between two buffers
+    # instead of copying the state back every step (1.3x faster on CPU).
+    return step(jax.lax.optimization_barrier(step(s)))
+
+  state = jax.lax.fori_loop(0, t // 2, two_steps, state)
+  if static_t:
+    state = step(state) if t % 2 else state
+  else:
+    state = jax.lax.cond(t % 2 == 1, step, lambda s: s, state)
+  return state[:, m:m + h, m:m + w, :c]
 
 
 @functools.partial(jax.jit, static_argnames=("radius", "beta", "t", "border"))
