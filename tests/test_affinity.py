@@ -7,12 +7,15 @@ import pytest
 from affinity_jax.ops import affinity, neighbors
 
 
-def test_pairwise_affinity_matches_double_loop():
+@pytest.mark.parametrize("shape, chunk", [((2, 7, 9, 5), 256), ((2, 7, 9, 5), 7),
+                                          ((3, 6, 2, 3), 5), ((1, 11, 8, 4), 40)])
+def test_pairwise_affinity_matches_double_loop(shape, chunk):
   rng = np.random.default_rng()
-  b, h, w, d, r = 2, 7, 9, 5, 4
+  b, h, w, d = shape
+  r = 4
   f = rng.normal(size=(b, h, w, d)).astype(np.float32)
   offs = neighbors.half_disk_offsets(r)
-  got = np.asarray(jax.jit(lambda x: affinity.pairwise_affinity(x, offs))(f))
+  got = np.asarray(jax.jit(lambda x: affinity.pairwise_affinity(x, offs, chunk))(f))
   assert got.shape == (b, len(offs), h, w)
   f64 = f.astype(np.float64)
   want = np.zeros(got.shape)
@@ -25,7 +28,7 @@ def test_pairwise_affinity_matches_double_loop():
   np.testing.assert_allclose(got, want, atol=1e-6)
   # Read in both directions: W(p, q) computed from q's side is the same number.
   g = f[:, ::-1, ::-1]
-  back = np.asarray(affinity.pairwise_affinity(g, -offs))[:, :, ::-1, ::-1]
+  back = np.asarray(affinity.pairwise_affinity(g, -offs, chunk))[:, :, ::-1, ::-1]
   for k, (dy, dx) in enumerate(offs):
     for y in range(max(0, -dy), min(h, h - dy)):
       for x in range(max(0, -dx), min(w, w - dx)):
