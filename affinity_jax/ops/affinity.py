@@ -13,14 +13,15 @@ from affinity_jax.constants import IGNORE
 from affinity_jax.ops import neighbors
 
 
-def pairwise_affinity(features: jnp.ndarray, offsets, chunk: int = 256) -> jnp.ndarray:
+def pairwise_affinity(features: jnp.ndarray, offsets, chunk: int | None = None
+                      ) -> jnp.ndarray:
   """W(p, p + o) = exp(-mean_d |f_p - f_{p+o}|) for every pixel and forward offset.
 
   Args:
     features: [B, H, W, D] float.
     offsets: concrete int [K, 2] of (dy, dx).
     chunk: source pixels per step of the loop (see below); any value >= 1 gives the same
-      result.
+      result. Default: 256 on small maps (less memory), 2048 from 8192 pixels on (faster).
 
   Returns:
     [B, K, H, W] in the features' dtype; 0 where p + o lies outside the map.
@@ -32,6 +33,8 @@ def pairwise_affinity(features: jnp.ndarray, offsets, chunk: int = 256) -> jnp.n
   # that leave their image (past a row end or into the next image) are masked at the end.
   shifts = offsets[:, 0] * w + offsets[:, 1]
   lo, hi = min(int(shifts.min(initial=0)), 0), max(int(shifts.max(initial=0)), 0)
+  if chunk is None:
+    chunk = 256 if n < 8192 else 2048
   size = min(chunk, n)
   flat = features.reshape(n, d)
 
@@ -47,11 +50,17 @@ def pairwise_affinity(features: jnp.ndarray, offsets, chunk: int = 256) -> jnp.n
 
     def one_offset(s):
       other = jax.lax.dynamic_slice_in_dim(window, s - lo, size)
-      return jnp.exp(-jnp.mean(jnp.abs(src - other), axis=-1))
+      # The mean over D as a product with a vector of 1/D: XLA's matrix-vector kernel
+      # reads the |difference| faster than its reduction does (1.8x at 125x94 on CPU).
+      # HIGHEST keeps float32 on GPU/TPU (their default matmul precision is TF32/bf16).
+      dist = jnp.dot(jnp.abs(src - other).astype(jnp.float32), mean_d,
+                     precision=jax.lax.Precision.HIGHEST)
+      return jnp.exp(-dist).astype(features.dtype)
 
     return jax.lax.dynamic_update_slice_in_dim(
         out, jax.lax.map(one_offset, jnp.asarray(shifts)), start, axis=1)
 
+  mean_d = jnp.full((d,), 1.0 / d, jnp.float32)
   out = jnp.zeros((len(offsets), n), features.dtype)
   out = jax.lax.fori_loop(0, -(-n // size), one_chunk, out)
   out = jnp.moveaxis(out.reshape(-1, b, h, w), 0, 1)
