@@ -89,3 +89,11 @@ def test_reference_loss_masks_full_labels():
   a = affinity.affinity_loss(aff, full, border="reference")[0]
   b = affinity.affinity_loss(aff, ref, border="reference")[0]
   np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+
+
+def test_pairwise_affinity_of_nothing():
+  offs = neighbors.half_disk_offsets(3)
+  assert affinity.pairwise_affinity(np.zeros((0, 4, 5, 2), np.float32), offs).shape == (
+      0, len(offs), 4, 5)
+  assert affinity.pairwise_affinity(np.ones((1, 4, 5, 2), np.float32), offs[:0]).shape == (
+      1, 0, 4, 5)

@@ -33,16 +33,17 @@ def _dense_walk(cams, feats, radius, beta, t, border):
           ).reshape(h, w, c)
 
 
-@pytest.mark.parametrize("size", [(6, 9), (11, 8)])
+# 21 channels in groups of 16 and 5, as `propagate` walks them on CPU.
+@pytest.mark.parametrize("size, group", [((6, 9, 3), None), ((11, 8, 21), 16)])
 @pytest.mark.parametrize("border", ["full", "reference"])
-def test_propagate_matches_dense_matrix_power(size, border):
+def test_propagate_matches_dense_matrix_power(size, group, border):
   rng = np.random.default_rng()
-  h, w = size
+  h, w, c = size
   feats = (rng.normal(size=(2, h, w, 6)) * 0.3).astype(np.float32)
-  cams = rng.uniform(size=(2, h, w, 3)).astype(np.float32)
+  cams = rng.uniform(size=(2, h, w, c)).astype(np.float32)
   offs = neighbors.half_disk_offsets(4)
   wts = random_walk.transition_weights(affinity.pairwise_affinity(feats, offs), offs, 8, border)
-  walk = jax.jit(lambda c, t: random_walk.apply_transition(wts, c, offs, t))
+  walk = jax.jit(lambda c, t: random_walk.apply_transition(wts, c, offs, t, group))
   for t in (0, 1, 7, 256):
     got = np.asarray(walk(cams, t))
     for i in range(2):

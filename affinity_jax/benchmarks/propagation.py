@@ -5,7 +5,8 @@
 
 For each feature grid: random features [1, H, W, D] and CAMs [1, H, W, 21], beta 8,
 t 256, radius 5, border 'reference' (the reference's edge set, so all three agree).
-  - banded:      `random_walk.propagate` (jitted), batch 1 and a batch of 16.
+  - banded:      `random_walk.propagate` as it runs (`jitted_propagate`: on CPU with
+                 its compiler options), batch 1 and a batch of 16.
   - dense JAX:   the reference's method in jitted JAX: dense N x N A = W^beta (both
                  directions + self-loops), T = D^-1 A, 8 squarings, one product.
   - dense NumPy: the same in NumPy float32 (BLAS matmul), like psa's torch code.
@@ -15,7 +16,8 @@ block_until_ready. Dense runs repeat at most `--dense-repeats` times (they take 
 Peak memory: JAX = XLA's compiled memory_analysis() argument + output + temp bytes;
 NumPy = inputs + tracemalloc peak of the call. Extra memory (what the method needs
 beyond its inputs and output, as the spec's table of the reference's cost reports it):
-JAX = temp bytes; NumPy = the tracemalloc peak. max|diff| is against the dense NumPy
+JAX = temp bytes; NumPy = the tracemalloc peak; its ratio to the dense JAX method's is
+per image (a batch's extra memory over its size). max|diff| is against the dense NumPy
 result.
 """
 
@@ -82,8 +84,14 @@ def _banded(cams, feats):
   return random_walk.propagate(cams, feats, radius=RADIUS, beta=BETA, t=T, border=BORDER)
 
 
-def _run_jax(fn, args, repeats, warmup):
-  compiled = jax.jit(fn).lower(*args).compile()
+def _lower_banded(cams, feats):
+  """`propagate` as it runs (on CPU with its compiler options), lowered."""
+  return random_walk.jitted_propagate(jax.default_backend()).lower(
+      cams, feats, radius=RADIUS, beta=BETA, t=T, border=BORDER)
+
+
+def _run_jax(lowered, args, repeats, warmup):
+  compiled = lowered.compile()
   mem = compiled.memory_analysis()
   peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
   sec, out = timing.time_call(lambda: compiled(*args), repeats, warmup)
@@ -121,11 +129,12 @@ def bench(h, w, dim, repeats, dense_repeats, batch, rng, methods=METHODS):
   if "dense_numpy" in methods:
     runs.append(("dense NumPy", 1, *_run_numpy((cams[:1], feats[:1]), dense_repeats)))
   if "dense_jax" in methods:
-    runs.append(("dense JAX", 1, *_run_jax(_dense_jax, one, dense_repeats, warmup=False)))
+    runs.append(("dense JAX", 1, *_run_jax(jax.jit(_dense_jax).lower(*one), one,
+                                           dense_repeats, warmup=False)))
   if "banded" in methods:
-    one_run = _run_jax(_banded, one, repeats, warmup=True)
-    many_run = _run_jax(_banded, many, max(1, repeats // 2), warmup=True)
-    ref_bb = np.concatenate([one_run[1], np.asarray(jax.jit(_banded)(*(x[1:] for x in many)))])
+    one_run = _run_jax(_lower_banded(*one), one, repeats, warmup=True)
+    many_run = _run_jax(_lower_banded(*many), many, max(1, repeats // 2), warmup=True)
+    ref_bb = np.concatenate([one_run[1], np.asarray(_banded(*(x[1:] for x in many)))])
     runs += [("banded JAX", 1, *one_run), ("banded JAX", batch, *many_run)]
   ref = {name: (sec, out, extra) for name, _, sec, out, _, extra in runs}
   sec_np, out_np, _ = ref.get("dense NumPy", (None, None, None))
@@ -138,7 +147,8 @@ def bench(h, w, dim, repeats, dense_repeats, batch, rng, methods=METHODS):
         images_per_s=1.0 / per_image, peak_mb=peak / 2**20, extra_mb=extra / 2**20,
         speedup_vs_dense_jax=sec_dj / per_image if sec_dj else None,
         speedup_vs_dense_numpy=sec_np / per_image if sec_np else None,
-        extra_memory_vs_dense_jax=extra / extra_dj if extra_dj else None,
+        # Per image: a batch of 16 holds 16 images' walks, the dense method one.
+        extra_memory_vs_dense_jax=extra / b / extra_dj if extra_dj else None,
         max_abs_diff_vs_dense_numpy=(float(np.abs(out[:1] - out_np).max())
                                      if out_np is not None else None),
         max_abs_diff_batch_vs_single=(float(np.abs(out - ref_bb).max()) if b > 1 else 0.0)))

@@ -33,6 +33,8 @@ def pairwise_affinity(features: jnp.ndarray, offsets, chunk: int | None = None
   # that leave their image (past a row end or into the next image) are masked at the end.
   shifts = offsets[:, 0] * w + offsets[:, 1]
   lo, hi = min(int(shifts.min(initial=0)), 0), max(int(shifts.max(initial=0)), 0)
+  if n == 0 or len(offsets) == 0:
+    return jnp.zeros((b, len(offsets), h, w), features.dtype)
   if chunk is None:
     chunk = 256 if n < 8192 else 2048
   size = min(chunk, n)

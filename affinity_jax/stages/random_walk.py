@@ -60,7 +60,7 @@ def walker(model, rw_config):
     rw_config: `config.rw` (radius, beta, t, border).
 
   Returns:
-    (walk, state): jitted `walk(state, x [B,H,W,3], cams [B,H/8,W/8,L], valid
+    (walk, state): `walk(state, x [B,H,W,3], cams [B,H/8,W/8,L], valid
     [B,H/8,W/8] bool or None) -> (scores [B,H/8,W/8,L], embedding [B,H/8,W/8,D])`
     and the model's nnx state.
   """
@@ -68,8 +68,13 @@ def walker(model, rw_config):
   r = rw_config
 
   @jax.jit
+  def embed(state, x):
+    return nnx.merge(graphdef, state)(x, train=False)[0]
+
   def walk(state, x, cams, valid=None):
-    embedding, _ = nnx.merge(graphdef, state)(x, train=False)
+    # Two jits, the embedding staying on the device: `propagate` compiles with its own
+    # (CPU) options.
+    embedding = embed(state, x)
     scores = random_walk.propagate(cams, embedding, radius=r.radius, beta=r.beta, t=r.t,
                                    border=r.border, valid=valid)
     return scores, embedding
