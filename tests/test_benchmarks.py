@@ -84,3 +84,14 @@ def test_models_benchmark_writes_rows(tmp_path):
   (row,) = result["rows"]
   assert row["backbone"] == "tiny" and row["size"] == 32 and row["params_M"] > 0
   assert row["forward_img_s"] > 0 and row["train_img_s"] > 0
+
+
+def test_propagation_benchmark_dense_jax_memory_only_above_the_limit(tmp_path):
+  out = tmp_path / "limit.json"
+  propagation.main(["--sizes", "10x12", "--repeats", "1", "--batch", "2", "--dim", "4",
+                    "--methods", "dense_jax,banded", "--dense-jax-max-nodes", "100",
+                    "--out", str(out)])
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["method"] for r in rows] == ["banded JAX", "banded JAX"]
+  assert all(r["speedup_vs_dense_jax"] is None for r in rows)
+  assert all(0 < r["extra_memory_vs_dense_jax"] < 1 for r in rows)

@@ -12,7 +12,9 @@ t 256, radius 5, border 'reference' (the reference's edge set, so all three agre
   - dense NumPy: the same in NumPy float32 (BLAS matmul), like psa's torch code.
 Every timing is from features to propagated CAMs; compile is excluded (ahead-of-time
 compiled, then one warm-up call for the banded walk), median of repeats, with
-block_until_ready. Dense runs repeat at most `--dense-repeats` times (they take minutes).
+block_until_ready. Dense runs repeat at most `--dense-repeats` times (they take minutes);
+the dense JAX method only runs up to `--dense-jax-max-nodes` pixels (its XLA:CPU matmuls
+take over 20 minutes at 125x94) and is otherwise compiled for its memory only.
 Peak memory: JAX = XLA's compiled memory_analysis() argument + output + temp bytes;
 NumPy = inputs + tracemalloc peak of the call. Extra memory (what the method needs
 beyond its inputs and output, as the spec's table of the reference's cost reports it):
@@ -115,11 +117,13 @@ def _run_numpy(args, repeats):
 METHODS = ("dense_numpy", "dense_jax", "banded")
 
 
-def bench(h, w, dim, repeats, dense_repeats, batch, rng, methods=METHODS):
+def bench(h, w, dim, repeats, dense_repeats, batch, rng, methods=METHODS,
+          dense_jax_max_nodes=None):
   """Rows of the table for one grid; `methods` may leave out the (slow) dense ones.
 
   Speed-ups, memory ratios and differences against a dense method are None when that
-  method was not run (the banded results are then compared with each other only).
+  method was not run (the banded results are then compared with each other only). Above
+  `dense_jax_max_nodes` the dense JAX method is compiled for its memory but not run.
   """
   feats = rng.normal(size=(batch, h, w, dim)).astype(np.float32) * 0.05
   cams = rng.uniform(size=(batch, h, w, CHANNELS)).astype(np.float32)
@@ -128,9 +132,13 @@ def bench(h, w, dim, repeats, dense_repeats, batch, rng, methods=METHODS):
   runs = []
   if "dense_numpy" in methods:
     runs.append(("dense NumPy", 1, *_run_numpy((cams[:1], feats[:1]), dense_repeats)))
+  extra_dj = None
   if "dense_jax" in methods:
-    runs.append(("dense JAX", 1, *_run_jax(jax.jit(_dense_jax).lower(*one), one,
-                                           dense_repeats, warmup=False)))
+    lowered = jax.jit(_dense_jax).lower(*one)
+    if dense_jax_max_nodes is None or h * w <= dense_jax_max_nodes:
+      runs.append(("dense JAX", 1, *_run_jax(lowered, one, dense_repeats, warmup=False)))
+    else:
+      extra_dj = lowered.compile().memory_analysis().temp_size_in_bytes
   if "banded" in methods:
     one_run = _run_jax(_lower_banded(*one), one, repeats, warmup=True)
     many_run = _run_jax(_lower_banded(*many), many, max(1, repeats // 2), warmup=True)
@@ -138,7 +146,8 @@ def bench(h, w, dim, repeats, dense_repeats, batch, rng, methods=METHODS):
     runs += [("banded JAX", 1, *one_run), ("banded JAX", batch, *many_run)]
   ref = {name: (sec, out, extra) for name, _, sec, out, _, extra in runs}
   sec_np, out_np, _ = ref.get("dense NumPy", (None, None, None))
-  sec_dj, _, extra_dj = ref.get("dense JAX", (None, None, None))
+  sec_dj, _, extra_run = ref.get("dense JAX", (None, None, None))
+  extra_dj = extra_run or extra_dj
   rows = []
   for name, b, sec, out, peak, extra in runs:
     per_image = sec / b
@@ -162,6 +171,9 @@ def main(argv=None):
   p.add_argument("--dense-repeats", type=int, default=1)
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--dim", type=int, default=448, help="feature channels D")
+  p.add_argument("--dense-jax-max-nodes", type=int, default=5000,
+                 help="larger grids only compile the dense JAX method (for its memory): "
+                 "XLA's CPU matmul takes over 20 minutes at 125x94")
   p.add_argument("--methods", default=",".join(METHODS),
                  help="comma-separated subset of " + ",".join(METHODS))
   p.add_argument("--out", default="propagation.json")
@@ -176,7 +188,7 @@ def main(argv=None):
   for s in a.sizes:
     h, w = (int(v) for v in s.lower().split("x"))
     for r in bench(h, w, a.dim, a.repeats, a.dense_repeats, a.batch, rng,
-                   tuple(a.methods.split(","))):
+                   tuple(a.methods.split(",")), a.dense_jax_max_nodes):
       rows.append(r)
       f = lambda v, spec: "-" if v is None else format(v, spec)
       print(f"{r['grid']:>7} {r['method']:<12} {r['batch']:>3} {r['ms_per_image']:>10.1f} "
