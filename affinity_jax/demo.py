@@ -377,7 +377,8 @@ def propagation_benchmark(sizes: Sequence[tuple[int, int]], *, dim: int = 448,
   rng = np.random.default_rng(seed)
   rows = []
   for h, w in sizes:
-    rows += propagation.bench(h, w, dim, repeats, dense_repeats, batch, rng)
+    rows += propagation.bench(h, w, dim, repeats, dense_repeats, batch, rng,
+                              dense_jax_max_nodes=propagation.default_dense_jax_max_nodes())
   return rows
 
 

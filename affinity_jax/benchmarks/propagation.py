@@ -117,6 +117,11 @@ def _run_numpy(args, repeats):
 METHODS = ("dense_numpy", "dense_jax", "banded")
 
 
+def default_dense_jax_max_nodes() -> int | None:
+  """5000 pixels on CPU, where XLA's dense matmuls take over 20 minutes at 125x94."""
+  return 5000 if jax.default_backend() == "cpu" else None
+
+
 def bench(h, w, dim, repeats, dense_repeats, batch, rng, methods=METHODS,
           dense_jax_max_nodes=None):
   """Rows of the table for one grid; `methods` may leave out the (slow) dense ones.
@@ -171,9 +176,10 @@ def main(argv=None):
   p.add_argument("--dense-repeats", type=int, default=1)
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--dim", type=int, default=448, help="feature channels D")
-  p.add_argument("--dense-jax-max-nodes", type=int, default=5000,
-                 help="larger grids only compile the dense JAX method (for its memory): "
-                 "XLA's CPU matmul takes over 20 minutes at 125x94")
+  p.add_argument("--dense-jax-max-nodes", type=int, default=None,
+                 help="larger grids only compile the dense JAX method (for its memory); "
+                 "default 5000 on CPU (its matmuls take over 20 minutes at 125x94 "
+                 "there), no limit on accelerators")
   p.add_argument("--methods", default=",".join(METHODS),
                  help="comma-separated subset of " + ",".join(METHODS))
   p.add_argument("--out", default="propagation.json")
@@ -188,7 +194,8 @@ def main(argv=None):
   for s in a.sizes:
     h, w = (int(v) for v in s.lower().split("x"))
     for r in bench(h, w, a.dim, a.repeats, a.dense_repeats, a.batch, rng,
-                   tuple(a.methods.split(",")), a.dense_jax_max_nodes):
+                   tuple(a.methods.split(",")),
+                   a.dense_jax_max_nodes or default_dense_jax_max_nodes()):
       rows.append(r)
       f = lambda v, spec: "-" if v is None else format(v, spec)
       print(f"{r['grid']:>7} {r['method']:<12} {r['batch']:>3} {r['ms_per_image']:>10.1f} "
