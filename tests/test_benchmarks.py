@@ -94,4 +94,4 @@ def test_propagation_benchmark_dense_jax_memory_only_above_the_limit(tmp_path):
   rows = json.loads(out.read_text())["rows"]
   assert [r["method"] for r in rows] == ["banded JAX", "banded JAX"]
   assert all(r["speedup_vs_dense_jax"] is None for r in rows)
-  assert all(0 < r["extra_memory_vs_dense_jax"] < 1 for r in rows)
+  assert all(r["extra_memory_vs_dense_jax"] > 0 for r in rows)   # From the compile alone.

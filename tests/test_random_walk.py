@@ -59,11 +59,11 @@ def test_t0_is_identity_and_rows_sum_to_one():
   cams = rng.uniform(size=(1, h, w, 2)).astype(np.float32)
   np.testing.assert_array_equal(np.asarray(random_walk.propagate(cams, feats, t=0)), cams)
   with pytest.raises(ValueError):
-    random_walk.apply_transition(jnp.zeros((1, 69, h, w)), cams, offs, -1)
+    random_walk.apply_transition(jnp.zeros((1, h, w, 69)), cams, offs, -1)
   for border in ("full", "reference"):
     wts = random_walk.transition_weights(affinity.pairwise_affinity(feats, offs), offs, 8,
                                          border)
-    np.testing.assert_allclose(np.asarray(wts).sum(axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(wts).sum(axis=-1), 1.0, atol=1e-6)
     # The banded rows are the rows of the dense T.
     dense = _dense_transition(feats[0], r, 8, border)
     banded = np.zeros_like(dense)
@@ -71,9 +71,9 @@ def test_t0_is_identity_and_rows_sum_to_one():
       for y in range(h):
         for x in range(w):
           if 0 <= y + dy < h and 0 <= x + dx < w:
-            banded[y * w + x, (y + dy) * w + x + dx] += wts[0, n, y, x]
+            banded[y * w + x, (y + dy) * w + x + dx] += wts[0, y, x, n]
           else:
-            assert wts[0, n, y, x] == 0
+            assert wts[0, y, x, n] == 0
     np.testing.assert_allclose(banded, dense, atol=1e-6)
 
 
