@@ -72,3 +72,10 @@ def save_png(path: str, array: np.ndarray, palette: np.ndarray | None = None) ->
   buf = io.BytesIO()
   img.save(buf, format="PNG")
   write_bytes(path, buf.getvalue())
+
+
+def save_label_png(path: str, label: np.ndarray) -> None:
+  """Writes a label map (0..20, 255) as a PNG with the VOC palette."""
+  from affinity_jax import constants
+
+  save_png(path, np.asarray(label).astype(np.uint8), palette=constants.voc_palette())

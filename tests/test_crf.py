@@ -107,3 +107,21 @@ def test_write_interrupted_leaves_nothing_and_rerun_completes(tmp_path, monkeypa
   monkeypatch.undo()
   assert crf.run_pool(["4"], _load, out, workers=1, progress=False) == 1
   assert store.exists(out, "4")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_walk_crf_jobs_write_labels_in_order(tmp_path, workers):
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  image = _two_halves()
+  scores = np.zeros((32, 48, 2), np.float32)
+  scores[..., 0] = 0.5                                        # background everywhere
+  scores[:, 20:, 1] = 0.6 + 0.1 * rng.random((32, 28))        # blurry object on the right
+  jobs = [(str(tmp_path / f"{i}.png"), image, scores, np.array([0, 9], np.uint8))
+          for i in range(4)]
+  done = []
+  assert crf.map_jobs(crf.label_png, iter(jobs), workers, done.append) == 4
+  assert done == [job[0] for job in jobs]                     # In the order of the jobs.
+  label = np.asarray(Image.open(done[0]))
+  # The CRF snaps the object to the image's edge at column 24; labels are the keys.
+  assert (label[:, :24] == 0).all() and (label[:, 24:] == 9).all()

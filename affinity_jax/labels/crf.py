@@ -1,4 +1,4 @@
-"""Dense CRF on the host (pydensecrf2) and a resumable worker pool that fills the CRF store.
+"""Dense CRF on the host (pydensecrf2) and the worker pools that run it.
 
 Parameters are the reference's (docs/evaluation.md): unary -log(clip(p, 1e-5, 1)) of the
 given channels (not renormalised), Gaussian pairwise sxy=3 compat=3, bilateral sxy=80
@@ -12,10 +12,11 @@ started with 'spawn' (forking a process that has initialised JAX is unsafe), sta
 
 import collections
 import multiprocessing
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from affinity_jax import io
 from affinity_jax.errors import UserError
 from affinity_jax.labels import store
 
@@ -97,6 +98,58 @@ def _work(job):
   return image_id
 
 
+def label_png(job) -> str:
+  """Worker body of the walk's dense CRF (CAM+RW+dCRF): refine scores, write the labels.
+
+  Args:
+    job: (path, image uint8 [H, W, 3], scores float [H, W, L] the walk's output at the
+      image size, keys int [L] the label id of each channel).
+
+  Returns:
+    The path written (a VOC-paletted PNG of keys[argmax of the CRF marginals]).
+  """
+  path, image, scores, keys = job
+  probs = np.maximum(scores, 0) / np.maximum(scores.sum(-1, keepdims=True), 1e-5)
+  io.save_label_png(path, np.asarray(keys)[np.argmax(dense_crf(image, probs), -1)])
+  return path
+
+
+def map_jobs(work: Callable, jobs: Iterable, workers: int,
+             done: Callable[[Any], None] = lambda _: None) -> int:
+  """Runs `work(job)` for every job, in `workers` 'spawn' processes; bounded and lazy.
+
+  `jobs` is consumed as results come back, at most 2 * workers in flight, so a producer
+  (a loader, the random walk) runs alongside the workers and memory stays bounded.
+  `done(result)` is called in the order of `jobs`. A worker's exception is raised here.
+
+  Args:
+    work: a module-level function of this module (workers import only this module).
+    jobs: picklable arguments of `work`.
+    workers: process count; <= 1 runs in this process.
+    done: called with each result.
+
+  Returns:
+    The number of jobs run.
+  """
+  count = 0
+  if workers <= 1:
+    for job in jobs:
+      done(work(job))
+      count += 1
+    return count
+  with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    pending = collections.deque()
+    for job in jobs:
+      pending.append(pool.apply_async(work, (job,)))
+      while len(pending) >= 2 * workers or (pending and pending[0].ready()):
+        done(pending.popleft().get())
+        count += 1
+    while pending:
+      done(pending.popleft().get())
+      count += 1
+  return count
+
+
 def run_pool(ids: Iterable[str], load: Callable[[str], tuple], out_dir: str, *,
              workers: int = 2, la_alpha: float = 4, ha_alpha: float = 32,
              progress: bool = True) -> int:
@@ -105,7 +158,7 @@ def run_pool(ids: Iterable[str], load: Callable[[str], tuple], out_dir: str, *,
   The calling process loads the inputs (it may hold JAX, datasets, ...) and ships arrays
   to 'spawn' workers that import only this module; each result is written atomically by
   `store.save`, so a killed run leaves whole files only and a rerun skips them. At most
-  2 * workers images are in flight, so memory stays bounded.
+  2 * workers images are in flight, so memory stays bounded (`map_jobs`).
 
   Args:
     ids: image ids.
@@ -120,24 +173,6 @@ def run_pool(ids: Iterable[str], load: Callable[[str], tuple], out_dir: str, *,
 
   _densecrf()  # Fail early with the install hint, not inside a worker.
   todo = [i for i in ids if not store.exists(out_dir, i)]
-  bar = tqdm(total=len(todo), desc="dense CRF", unit="img", disable=not progress)
   jobs = ((out_dir, i, *load(i), la_alpha, ha_alpha) for i in todo)
-  try:
-    if workers <= 1:
-      for job in jobs:
-        _work(job)
-        bar.update(1)
-      return len(todo)
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-      pending = collections.deque()
-      for job in jobs:
-        pending.append(pool.apply_async(_work, (job,)))
-        while len(pending) >= 2 * workers or (pending and pending[0].ready()):
-          pending.popleft().get()
-          bar.update(1)
-      while pending:
-        pending.popleft().get()
-        bar.update(1)
-    return len(todo)
-  finally:
-    bar.close()
+  with tqdm(total=len(todo), desc="dense CRF", unit="img", disable=not progress) as bar:
+    return map_jobs(_work, jobs, workers, lambda _: bar.update(1))

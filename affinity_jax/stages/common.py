@@ -151,9 +151,5 @@ def full_cams(cams: np.ndarray, keys: np.ndarray) -> np.ndarray:
   return out
 
 
-def save_label_png(path: str, label: np.ndarray) -> None:
-  io.save_png(path, label.astype(np.uint8), palette=constants.voc_palette())
-
-
 def all_exist(directory: str, ids: list[str], suffix: str) -> bool:
   return all(os.path.exists(os.path.join(directory, i + suffix)) for i in ids)

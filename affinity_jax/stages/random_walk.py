@@ -2,7 +2,8 @@
 
 Images are batched (`config.rw.batch_size`) by padding to a common grid; a `valid` mask
 keeps the padding out of the walk. Writes `rw/<id>.png` (VOC palette) and, with
-`config.rw.dcrf`, `rw_crf/<id>.png` (a dense CRF on the walk's scores).
+`config.rw.dcrf`, `rw_crf/<id>.png` (a dense CRF on the walk's scores, in
+`config.crf.num_workers` processes while the next batches walk).
 """
 
 import functools
@@ -14,6 +15,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from affinity_jax import io
 from affinity_jax.data import transforms
 from affinity_jax.labels import crf
 from affinity_jax.ops import cam as cam_ops
@@ -118,20 +120,30 @@ def infer(ctx: common.Context) -> None:
   todo = [i for i in ctx.label_ids()
           if not os.path.exists(ctx.path("rw", i + ".png"))
           or (c.rw.dcrf and not os.path.exists(ctx.path("rw_crf", i + ".png")))]
-  bar = tqdm(total=len(todo), desc="infer_rw", disable=None)
-  for start in range(0, len(todo), c.rw.batch_size):
-    chunk = todo[start:start + c.rw.batch_size]
-    items = [_prepare(ctx, image_id, norm) for image_id in chunk]
-    x, grid, valid = batch_inputs([it["x"] for it in items], [it["grid"] for it in items],
-                                  c.data.infer_pad)
-    out, _ = walk(state, jnp.asarray(x), jnp.asarray(grid), jnp.asarray(valid))
-    out = np.asarray(out)
-    for b, it in enumerate(items):
-      gh, gw, gc = it["grid"].shape
-      _write(ctx, it, scores_to_image(out[b, :gh, :gw, :gc], it["padded"],
-                                      it["image"].shape[:2]))
-      bar.update(1)
-  bar.close()
+
+  def walked():
+    """Walks the images in batches, writes rw/<id>.png, yields the dense-CRF jobs."""
+    for start in range(0, len(todo), c.rw.batch_size):
+      chunk = todo[start:start + c.rw.batch_size]
+      items = [_prepare(ctx, image_id, norm) for image_id in chunk]
+      x, grid, valid = batch_inputs([it["x"] for it in items],
+                                    [it["grid"] for it in items], c.data.infer_pad)
+      out, _ = walk(state, jnp.asarray(x), jnp.asarray(grid), jnp.asarray(valid))
+      out = np.asarray(out)
+      for b, it in enumerate(items):
+        gh, gw, gc = it["grid"].shape
+        scores = scores_to_image(out[b, :gh, :gw, :gc], it["padded"], it["image"].shape[:2])
+        io.save_label_png(ctx.path("rw", it["id"] + ".png"),
+                          it["keys"][np.argmax(scores, -1)])
+        yield ctx.path("rw_crf", it["id"] + ".png"), it["image"], scores, it["keys"]
+
+  with tqdm(total=len(todo), desc="infer_rw", disable=None) as bar:
+    if c.rw.dcrf:
+      # The CRF runs in the CRF worker processes while the next batches walk.
+      crf.map_jobs(crf.label_png, walked(), c.crf.num_workers, lambda _: bar.update(1))
+    else:
+      for _ in walked():
+        bar.update(1)
   common.mark_finished(ctx, "rw")
 
 
@@ -144,13 +156,3 @@ def _prepare(ctx: common.Context, image_id: str, norm: str) -> dict:
   return dict(id=image_id, image=image, x=x, padded=padded,
               grid=walk_input(cams, keys, ctx.config.rw.alpha, padded),
               keys=np.concatenate([[0], keys]).astype(np.uint8))
-
-
-def _write(ctx: common.Context, item: dict, scores: np.ndarray) -> None:
-  keys = item["keys"]
-  common.save_label_png(ctx.path("rw", item["id"] + ".png"), keys[np.argmax(scores, -1)])
-  if ctx.config.rw.dcrf:
-    probs = np.maximum(scores, 0) / np.maximum(scores.sum(-1, keepdims=True), 1e-5)
-    refined = crf.dense_crf(item["image"], probs)
-    common.save_label_png(ctx.path("rw_crf", item["id"] + ".png"),
-                          keys[np.argmax(refined, -1)])
