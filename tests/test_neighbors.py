@@ -50,3 +50,16 @@ def test_pair_mask_valid_gives_each_image_its_own_region():
     small = np.asarray(neighbors.pair_mask(offs, 6, 7, border))
     assert not got[:, 6:].any() and not got[:, :, 7:].any()
     np.testing.assert_array_equal(got[:, :6, :7], small)
+
+
+def test_shift_channels_matches_a_loop_over_channels():
+  rng = np.random.default_rng()
+  offs = np.concatenate([neighbors.half_disk_offsets(4), -neighbors.half_disk_offsets(4)])
+  x = rng.normal(size=(2, 7, 10, len(offs))).astype(np.float32)
+  got = np.asarray(neighbors.shift_channels(x, offs, fill=-1.0))
+  for k, (dy, dx) in enumerate(offs):
+    for y in range(7):
+      for xx in range(10):
+        inside = 0 <= y + dy < 7 and 0 <= xx + dx < 10
+        want = x[:, y + dy, xx + dx, k] if inside else -1.0
+        np.testing.assert_array_equal(got[:, y, xx, k], want)

@@ -79,15 +79,40 @@ def pair_mask(offsets, height: int, width: int, border: str = "full",
   """
   if border not in BORDERS:
     raise ValueError(f"border must be one of {BORDERS}, got {border!r}")
-  offsets = np.asarray(offsets)
+  offsets = np.asarray(offsets).reshape(-1, 2)
   inside = jnp.ones((height, width), bool) if valid is None else jnp.asarray(valid, bool)
-  ends = [shift(inside, int(dy), int(dx), fill=False) for dy, dx in offsets]
+  ends = shift_channels(jnp.broadcast_to(inside[..., None], inside.shape + (len(offsets),)),
+                        offsets, fill=False)
   if border == "reference":
-    source = inside
-    for e in ends:
-      source = source & e
-    masks = [source for _ in ends]
+    masks = jnp.broadcast_to((inside & jnp.all(ends, axis=-1))[..., None], ends.shape)
   else:
-    masks = [inside & e for e in ends]
-  return jnp.stack(masks, axis=-3) if masks else jnp.zeros(
-      inside.shape[:-2] + (0, height, width), bool)
+    masks = inside[..., None] & ends
+  return jnp.moveaxis(masks, -1, -3)
+
+
+def shift_channels(x: jnp.ndarray, offsets, fill=0) -> jnp.ndarray:
+  """Shifts each channel by its own offset: y[..., i, j, k] = x[..., i + dy_k, j + dx_k, k].
+
+  One gather with static indices (34 separate `shift`s of a map compile ~4x slower).
+
+  Args:
+    x: [..., H, W, K].
+    offsets: concrete int [K, 2] of (dy, dx).
+    fill: the value where i + dy_k, j + dx_k lies outside the map.
+
+  Returns:
+    [..., H, W, K] like x.
+  """
+  offsets = np.asarray(offsets, np.int64).reshape(-1, 2)
+  *lead, h, w, k = x.shape
+  if len(offsets) != k:
+    raise ValueError(f"{len(offsets)} offsets for {k} channels")
+  m = radius_of(offsets)
+  hp, wp = h + 2 * m, w + 2 * m
+  flat = jnp.pad(x, [(0, 0)] * len(lead) + [(m, m), (m, m), (0, 0)],
+                 constant_values=fill).reshape(*lead, hp * wp, k)
+  src = (np.arange(h)[:, None, None] + m + offsets[:, 0]) * wp + (
+      np.arange(w)[None, :, None] + m + offsets[:, 1])
+  idx = jnp.broadcast_to(jnp.asarray(src.reshape(h * w, k), jnp.int32),
+                         flat.shape[:-2] + (h * w, k))
+  return jnp.take_along_axis(flat, idx, axis=-2).reshape(x.shape)
