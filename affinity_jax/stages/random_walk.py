@@ -95,12 +95,14 @@ def batch_inputs(images: list[np.ndarray], grids: list[np.ndarray], bucket: int
       many image sizes share a few compiled shapes.
 
   Returns:
-    (x [B, H, W, 3], grid [B, H/8, W/8, max L_i], valid [B, H/8, W/8] bool), zeros and
+    (x [B, H, W, 3], grid [B, H/8, W/8, L], valid [B, H/8, W/8] bool), zeros and
     False beyond each image.
   """
   bh = -(-max(x.shape[0] for x in images) // bucket) * bucket
   bw = -(-max(x.shape[1] for x in images) // bucket) * bucket
-  num_ch = max(g.shape[-1] for g in grids)
+  # L = max L_i rounded up to 8 channels: the walk pads its state to 8 lanes anyway, and
+  # batches with different class counts then share a compiled walk.
+  num_ch = -(-max(g.shape[-1] for g in grids) // random_walk.LANES) * random_walk.LANES
   x = np.zeros((len(images), bh, bw, 3), np.float32)
   grid = np.zeros((len(images), bh // STRIDE, bw // STRIDE, num_ch), np.float32)
   valid = np.zeros(grid.shape[:3], bool)
