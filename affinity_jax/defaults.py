@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
       crop=448,
       resize_long=(256, 512),    # random long side before the crop
       scales=(1.0, 0.5, 1.5, 2.0),  # inference scales, each also flipped
+      infer_batch=4,             # images of one size per inference call (x2 flips)
       train=_train(steps=9920, lr=0.01, momentum=0.9),
   ))
 

@@ -42,7 +42,6 @@ from affinity_jax.data import transforms
 from affinity_jax.errors import UserError
 from affinity_jax.labels import crf
 from affinity_jax.models import heads
-from affinity_jax.ops import cam as cam_ops
 from affinity_jax.stages import affinity as aff_stage
 from affinity_jax.stages import cam as cam_stage
 from affinity_jax.stages import random_walk as rw_stage
@@ -165,14 +164,8 @@ def bench_train(kind: str, loss_fn, backbone: str, batch: int, crop: int, repeat
 def bench_infer_cam(backbone: str, image: np.ndarray, scales, repeats: int) -> dict:
   """One row: the 8-pass multi-scale CAMs of one image, as `stages.cam.infer` does."""
   model = heads.CAMNet(backbone, rngs=nnx.Rngs(0))
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def forward(state, x):
-    _, aux = nnx.merge(graphdef, state)(x, train=False)
-    return aux["cams"]
-
-  merge = jax.jit(cam_ops.merge_cams, static_argnames=("plan", "size"))
+  forward, state = cam_stage.classifier_forward(model)
+  merge = cam_stage.jitted_merge()
   example = dict(image=image, labels=_labels20())
   norm = model.backbone.normalization
   fn = lambda: cam_stage.multiscale_cams(forward, state, merge, example, norm, scales)

@@ -1,5 +1,7 @@
 """Stage 1: train the classifier (`train_cam`) and infer multi-scale CAMs (`infer_cam`)."""
 
+import collections
+import functools
 import os
 
 import jax
@@ -13,6 +15,7 @@ from affinity_jax.data import pipeline
 from affinity_jax.ops import cam as cam_ops
 from affinity_jax.stages import common
 from affinity_jax.training import loop
+from affinity_jax.training import mesh as mesh_lib
 
 
 def classification_loss(model, batch, rng, train=True):
@@ -37,35 +40,56 @@ def train(ctx: common.Context) -> None:
 
 
 def infer(ctx: common.Context) -> None:
-  """Writes `cam_maps/<id>.npz`: the merged 8-pass CAMs of each image's present classes."""
+  """Writes `cam_maps/<id>.npz`: the merged 8-pass CAMs of each image's present classes.
+
+  Images of the same size go through the passes together, up to `cam.infer_batch` at a
+  time, each forward split over this host's devices (every host infers its own ids).
+  """
   c = ctx.config
   model = ctx.trained_model("cam")
-  forward, state = classifier_forward(model)
+  mesh = mesh_lib.make_mesh(jax.local_devices())
+  forward, state = classifier_forward(model, mesh)
   norm = common.normalization(model)
   merge = jitted_merge()
   out_dir = ctx.path("cam_maps")
-  for image_id in tqdm(ctx.label_ids(), desc="infer_cam", disable=None):
-    path = os.path.join(out_dir, image_id + ".npz")
-    if os.path.exists(path):
-      continue
-    example = ctx.example(image_id)
-    cams = multiscale_cams(forward, state, merge, example, norm, tuple(c.cam.scales),
-                           c.data.infer_pad)
-    keys = np.flatnonzero(example["labels"]) + 1
-    common.save_cams(path, cams[..., keys - 1], keys)
+  path = lambda image_id: os.path.join(out_dir, image_id + ".npz")
+  todo = [i for i in ctx.label_ids() if not os.path.exists(path(i))]
+  with tqdm(total=len(todo), desc="infer_cam", disable=None) as bar:
+    for start in range(0, len(todo), c.cam.infer_batch):
+      by_size = collections.defaultdict(list)
+      for image_id in todo[start:start + c.cam.infer_batch]:
+        example = ctx.example(image_id)
+        by_size[example["image"].shape].append((image_id, example))
+      for group in by_size.values():
+        examples = [example for _, example in group]
+        cams = batched_cams(forward, state, merge, examples, norm, tuple(c.cam.scales),
+                            c.data.infer_pad)
+        for (image_id, example), cam in zip(group, cams):
+          keys = np.flatnonzero(example["labels"]) + 1
+          common.save_cams(path(image_id), cam[..., keys - 1], keys)
+          bar.update(1)
   common.mark_finished(ctx, "cam_maps")
 
 
-def classifier_forward(model):
+def classifier_forward(model, mesh=None):
   """The classifier in inference mode, split for jit.
+
+  Args:
+    model: a CAM network.
+    mesh: optional device mesh: the parameters are replicated on it and each input
+      batch is split over its `data` axis (the batch must be a multiple of its size).
 
   Returns:
     (forward, state): jitted `forward(state, x [B,H,W,3]) -> (logits [B,20],
     cams [B,ceil(H/8),ceil(W/8),20])` and the model's nnx state.
   """
   graphdef, state = nnx.split(model)
+  shardings = {}
+  if mesh is not None:
+    state = jax.device_put(state, mesh_lib.replicated(mesh))
+    shardings = dict(in_shardings=(mesh_lib.replicated(mesh), mesh_lib.data_sharding(mesh)))
 
-  @jax.jit
+  @functools.partial(jax.jit, **shardings)
   def forward(state, x):
     logits, aux = nnx.merge(graphdef, state)(x, train=False)
     return logits, aux["cams"]
@@ -91,15 +115,36 @@ def multiscale_cams(forward, state, merge, example: dict, normalization: str,
     scales: inference scales; every scale runs unflipped and flipped in one call.
     pad_multiple: inputs are padded to a multiple of this (of 8).
   """
-  passes = pipeline.multiscale_inputs(example["image"], normalization, scales, flip=True,
-                                      multiple=pad_multiple)
-  cams, plan = [], []
-  for i in range(0, len(passes), 2):
-    (x0, r0), (x1, r1) = passes[i], passes[i + 1]
-    _, out = forward(state, jnp.asarray(np.concatenate([x0, x1])))
-    cams += [out[:1], out[1:]]
-    plan += [r0, r1]
-  size = example["image"].shape[:2]
-  labels = jnp.asarray(example["labels"][None])
-  return np.asarray(merge(cams, plan=tuple(plan), size=size, labels=labels)[0])
+  return batched_cams(forward, state, merge, [example], normalization, scales,
+                      pad_multiple)[0]
 
+
+def batched_cams(forward, state, merge, examples: list[dict], normalization: str,
+                 scales: tuple[float, ...], pad_multiple: int = 8) -> list[np.ndarray]:
+  """`multiscale_cams` of several images of one size, one forward call per scale.
+
+  Each call holds every image unflipped and flipped, [2n, Hp, Wp, 3], padded with zero
+  images to a multiple of the devices that `state` is replicated on (`forward` splits
+  its batch over them).
+
+  Returns:
+    One float32 [H, W, 20] per example, as `multiscale_cams` gives it.
+  """
+  size = examples[0]["image"].shape[:2]
+  if any(e["image"].shape[:2] != size for e in examples):
+    raise ValueError("batched_cams takes images of one size")
+  passes = [pipeline.multiscale_inputs(e["image"], normalization, scales, flip=True,
+                                       multiple=pad_multiple) for e in examples]
+  plan = tuple(p for _, p in passes[0])
+  n, multiple = len(examples), len(jax.tree.leaves(state)[0].sharding.device_set)
+  cams = [[] for _ in examples]
+  for i in range(0, len(plan), 2):   # Each scale unflipped, then flipped.
+    x = np.concatenate([np.concatenate([inputs[i][0], inputs[i + 1][0]])
+                        for inputs in passes])
+    x = np.pad(x, [(0, -len(x) % multiple)] + [(0, 0)] * 3)
+    _, out = forward(state, jnp.asarray(x))
+    for b in range(n):
+      cams[b] += [out[2 * b:2 * b + 1], out[2 * b + 1:2 * b + 2]]
+  return [np.asarray(merge(cam, plan=plan, size=size,
+                           labels=jnp.asarray(e["labels"][None]))[0])
+          for cam, e in zip(cams, examples)]
