@@ -126,3 +126,11 @@ def test_traced_t_equals_static_t():
     np.testing.assert_allclose(
         np.asarray(traced(wts, cams, jnp.int32(t))),
         np.asarray(random_walk.apply_transition(wts, cams, offs, t)), atol=1e-6)
+
+
+def test_radius_one_has_only_self_loops():
+  rng = np.random.default_rng()
+  cams = rng.uniform(size=(2, 4, 5, 3)).astype(np.float32)
+  feats = rng.normal(size=(2, 4, 5, 6)).astype(np.float32)
+  np.testing.assert_array_equal(
+      np.asarray(random_walk.propagate(cams, feats, radius=1, t=5)), cams)

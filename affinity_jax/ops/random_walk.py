@@ -74,7 +74,7 @@ def transition_weights(aff: jnp.ndarray, offsets, beta: float = 8, border: str =
   fwd = jnp.moveaxis(jnp.where(mask, aff.astype(jnp.float32), 0.0) ** beta, 1, -1)
   # The backward edge p -> p - o is the forward edge (p - o) -> p, stored at p - o.
   back = neighbors.shift_channels(fwd, -offsets)
-  rows = jnp.concatenate([jnp.ones_like(fwd[..., :1]), fwd, back], axis=-1)
+  rows = jnp.concatenate([jnp.ones(fwd.shape[:-1] + (1,), fwd.dtype), fwd, back], axis=-1)
   return rows / jnp.sum(rows, axis=-1, keepdims=True)
 
 
