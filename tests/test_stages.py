@@ -180,3 +180,29 @@ def test_walk_batches_pad_each_image_and_mask_the_rest():
   assert grid[0].sum() == 2 * 3 * 2 and grid[1].sum() == 3
   np.testing.assert_array_equal(valid.sum(axis=(1, 2)), [6, 1])
   assert valid[0, :2, :3].all() and valid[1, 0, 0]
+
+
+def test_walk_split_over_8_devices_equals_one_device():
+  import jax
+  from flax import nnx
+  from affinity_jax.models import heads
+  from affinity_jax.stages import random_walk
+  from affinity_jax.training import mesh as mesh_lib
+  assert jax.device_count() == 8   # conftest.py
+  rw = config_lib.load_config("configs/scenes.py:tiny").rw
+  model = heads.AffinityNet("tiny", rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  images = [rng.normal(size=s + (3,)).astype(np.float32) for s in ((32, 48), (24, 24))]
+  grids = [rng.uniform(size=(s[0] // 8, s[1] // 8, 3)).astype(np.float32)
+           for s in ((32, 48), (24, 24))]
+  x, grid, valid = random_walk.batch_inputs(images, grids, bucket=16)
+  walk1, state1 = random_walk.walker(model, rw)
+  want, _ = walk1(state1, x, grid, valid)
+  mesh = mesh_lib.make_mesh()
+  walk8, state8 = random_walk.walker(model, rw, mesh)
+  padded = [mesh_lib.pad_batch(a, 8) for a in (x, grid, valid)]
+  assert padded[0].shape[0] == 8
+  got, _ = walk8(state8, *padded)
+  assert len(got.sharding.device_set) == 8
+  np.testing.assert_allclose(np.asarray(got)[:2], np.asarray(want), atol=1e-5)
+  assert not np.asarray(got)[2:].any()   # All-padding images stay zero.

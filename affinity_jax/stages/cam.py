@@ -141,8 +141,7 @@ def batched_cams(forward, state, merge, examples: list[dict], normalization: str
   for i in range(0, len(plan), 2):   # Each scale unflipped, then flipped.
     x = np.concatenate([np.concatenate([inputs[i][0], inputs[i + 1][0]])
                         for inputs in passes])
-    x = np.pad(x, [(0, -len(x) % multiple)] + [(0, 0)] * 3)
-    _, out = forward(state, jnp.asarray(x))
+    _, out = forward(state, jnp.asarray(mesh_lib.pad_batch(x, multiple)))
     for b in range(n):
       cams[b] += [out[2 * b:2 * b + 1], out[2 * b + 1:2 * b + 2]]
   return [np.asarray(merge(cam, plan=plan, size=size,

@@ -1,7 +1,7 @@
 """Stage 4 (`infer_rw`): AffinityNet features + banded random walk -> pseudo masks.
 
 Images are batched (`config.rw.batch_size`) by padding to a common grid; a `valid` mask
-keeps the padding out of the walk. Writes `rw/<id>.png` (VOC palette) and, with
+keeps the padding out of the walk. Each batch is split over this host's devices. Writes `rw/<id>.png` (VOC palette) and, with
 `config.rw.dcrf`, `rw_crf/<id>.png` (a dense CRF on the walk's scores, in
 `config.crf.num_workers` processes while the next batches walk).
 """
@@ -21,6 +21,7 @@ from affinity_jax.labels import crf
 from affinity_jax.ops import cam as cam_ops
 from affinity_jax.ops import random_walk
 from affinity_jax.stages import common
+from affinity_jax.training import mesh as mesh_lib
 
 STRIDE = 8
 
@@ -54,32 +55,45 @@ def scores_to_image(scores: np.ndarray, padded: tuple[int, int], size: tuple[int
   return np.asarray(up)[:size[0], :size[1]]
 
 
-def walker(model, rw_config):
+def walker(model, rw_config, mesh=None):
   """AffinityNet in inference mode followed by the random walk, split for jit.
 
   Args:
     model: a trained AffinityNet.
     rw_config: `config.rw` (radius, beta, t, border).
+    mesh: optional device mesh: the parameters are replicated on it and each batch is
+      split over its `data` axis (the batch must be a multiple of its size); every
+      device walks its own images (`jax.shard_map`).
 
   Returns:
     (walk, state): `walk(state, x [B,H,W,3], cams [B,H/8,W/8,L], valid
-    [B,H/8,W/8] bool or None) -> (scores [B,H/8,W/8,L], embedding [B,H/8,W/8,D])`
+    [B,H/8,W/8] bool, or None without a mesh) -> (scores [B,H/8,W/8,L], embedding
+    [B,H/8,W/8,D])`
     and the model's nnx state.
   """
   graphdef, state = nnx.split(model)
   r = rw_config
+  propagate = lambda cams, emb, valid: random_walk.propagate(
+      cams, emb, radius=r.radius, beta=r.beta, t=r.t, border=r.border, valid=valid)
+  shardings = {}
+  if mesh is not None and mesh.size > 1:
+    state = jax.device_put(state, mesh_lib.replicated(mesh))
+    shardings = dict(in_shardings=(mesh_lib.replicated(mesh), mesh_lib.data_sharding(mesh)))
+    batch = jax.sharding.PartitionSpec(mesh_lib.DATA_AXIS)
+    # Per-image work without collectives; check_vma=False lets the ops' loops start from
+    # plain (unvarying) zeros.
+    propagate = jax.jit(jax.shard_map(propagate, mesh=mesh, in_specs=(batch,) * 3,
+                                      out_specs=batch, check_vma=False))
 
-  @jax.jit
+  @functools.partial(jax.jit, **shardings)
   def embed(state, x):
     return nnx.merge(graphdef, state)(x, train=False)[0]
 
   def walk(state, x, cams, valid=None):
-    # Two jits, the embedding staying on the device: `propagate` compiles with its own
-    # (CPU) options.
+    # Two jits, the embedding staying on the device: on one CPU device `propagate`
+    # compiles with its own (CPU) options.
     embedding = embed(state, x)
-    scores = random_walk.propagate(cams, embedding, radius=r.radius, beta=r.beta, t=r.t,
-                                   border=r.border, valid=valid)
-    return scores, embedding
+    return propagate(cams, embedding, valid), embedding
 
   return walk, state
 
@@ -116,7 +130,8 @@ def batch_inputs(images: list[np.ndarray], grids: list[np.ndarray], bucket: int
 def infer(ctx: common.Context) -> None:
   c = ctx.config
   model = ctx.trained_model("aff")
-  walk, state = walker(model, c.rw)
+  mesh = mesh_lib.make_mesh(jax.local_devices())
+  walk, state = walker(model, c.rw, mesh)
   norm = common.normalization(model)
 
   todo = [i for i in ctx.label_ids()
@@ -128,8 +143,8 @@ def infer(ctx: common.Context) -> None:
     for start in range(0, len(todo), c.rw.batch_size):
       chunk = todo[start:start + c.rw.batch_size]
       items = [_prepare(ctx, image_id, norm) for image_id in chunk]
-      x, grid, valid = batch_inputs([it["x"] for it in items],
-                                    [it["grid"] for it in items], c.data.infer_pad)
+      x, grid, valid = (mesh_lib.pad_batch(a, mesh.size) for a in batch_inputs(
+          [it["x"] for it in items], [it["grid"] for it in items], c.data.infer_pad))
       out, _ = walk(state, jnp.asarray(x), jnp.asarray(grid), jnp.asarray(valid))
       out = np.asarray(out)
       for b, it in enumerate(items):

@@ -33,6 +33,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def pad_batch(x: np.ndarray, multiple: int) -> np.ndarray:
+  """x with zeros appended along its first (batch) axis up to a multiple of `multiple`."""
+  return np.pad(x, [(0, -len(x) % multiple)] + [(0, 0)] * (x.ndim - 1))
+
+
 def maybe_initialize_distributed(config: Any) -> bool:
   """Calls `jax.distributed.initialize` when `config.distributed` asks for it.
 
