@@ -272,8 +272,9 @@ def summary(rows: list[dict]) -> list[dict]:
     used = f"{best['variant']}, batch {best['batch']}"
     dcrf = [r for r in rows if r["stage"] == stage and r["variant"].startswith("dCRF")]
     if dcrf and c.rw.dcrf:
-      sec = max(sec, dcrf[0]["ms_per_image"] / 1e3 / max(1, c.crf.num_workers))
-      used += f" alongside dCRF in {max(1, c.crf.num_workers)} processes"
+      workers = max(1, c.crf.num_workers)
+      sec = max(sec, dcrf[0]["ms_per_image"] / 1e3 / workers)
+      used += f" alongside dCRF in {workers} processes"
     out.append(dict(stage=stage, images=images, images_per_s=1.0 / sec,
                     hours=images * sec / 3600, rate_from=used))
   total = sum(s["hours"] for s in out)

@@ -1,7 +1,6 @@
 """Stage 1: train the classifier (`train_cam`) and infer multi-scale CAMs (`infer_cam`)."""
 
 import collections
-import functools
 import os
 
 import jax
@@ -84,17 +83,12 @@ def classifier_forward(model, mesh=None):
     cams [B,ceil(H/8),ceil(W/8),20])` and the model's nnx state.
   """
   graphdef, state = nnx.split(model)
-  shardings = {}
-  if mesh is not None:
-    state = jax.device_put(state, mesh_lib.replicated(mesh))
-    shardings = dict(in_shardings=(mesh_lib.replicated(mesh), mesh_lib.data_sharding(mesh)))
 
-  @functools.partial(jax.jit, **shardings)
   def forward(state, x):
     logits, aux = nnx.merge(graphdef, state)(x, train=False)
     return logits, aux["cams"]
 
-  return forward, state
+  return mesh_lib.jit_over_batch(forward, state, mesh)
 
 
 def jitted_merge():

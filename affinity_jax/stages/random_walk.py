@@ -1,9 +1,10 @@
 """Stage 4 (`infer_rw`): AffinityNet features + banded random walk -> pseudo masks.
 
 Images are batched (`config.rw.batch_size`) by padding to a common grid; a `valid` mask
-keeps the padding out of the walk. Each batch is split over this host's devices. Writes `rw/<id>.png` (VOC palette) and, with
-`config.rw.dcrf`, `rw_crf/<id>.png` (a dense CRF on the walk's scores, in
-`config.crf.num_workers` processes while the next batches walk).
+keeps the padding out of the walk, and each batch is split over this host's devices.
+Writes `rw/<id>.png` (VOC palette) and, with `config.rw.dcrf`, `rw_crf/<id>.png` (a
+dense CRF on the walk's scores, in `config.crf.num_workers` processes while the next
+batches walk).
 """
 
 import functools
@@ -75,19 +76,16 @@ def walker(model, rw_config, mesh=None):
   r = rw_config
   propagate = lambda cams, emb, valid: random_walk.propagate(
       cams, emb, radius=r.radius, beta=r.beta, t=r.t, border=r.border, valid=valid)
-  shardings = {}
-  if mesh is not None and mesh.size > 1:
-    state = jax.device_put(state, mesh_lib.replicated(mesh))
-    shardings = dict(in_shardings=(mesh_lib.replicated(mesh), mesh_lib.data_sharding(mesh)))
+  if mesh is not None and mesh.size == 1:
+    mesh = None   # One device: `propagate` keeps its own jit (with the CPU options).
+  if mesh is not None:
     batch = jax.sharding.PartitionSpec(mesh_lib.DATA_AXIS)
     # Per-image work without collectives; check_vma=False lets the ops' loops start from
     # plain (unvarying) zeros.
     propagate = jax.jit(jax.shard_map(propagate, mesh=mesh, in_specs=(batch,) * 3,
                                       out_specs=batch, check_vma=False))
-
-  @functools.partial(jax.jit, **shardings)
-  def embed(state, x):
-    return nnx.merge(graphdef, state)(x, train=False)[0]
+  embed, state = mesh_lib.jit_over_batch(
+      lambda state, x: nnx.merge(graphdef, state)(x, train=False)[0], state, mesh)
 
   def walk(state, x, cams, valid=None):
     # Two jits, the embedding staying on the device: on one CPU device `propagate`

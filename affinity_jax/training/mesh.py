@@ -33,6 +33,25 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def jit_over_batch(fn, state, mesh: Mesh | None = None):
+  """`jax.jit` of `fn(state, batch)` for inference, split over `mesh` when one is given.
+
+  Args:
+    fn: a pure function of (state, batch [B, ...]).
+    state: the pytree `fn` takes first (e.g. a model's nnx state).
+    mesh: optional mesh: `state` is replicated on it and the batch split over its
+      `data` axis (B must then be a multiple of the mesh's size).
+
+  Returns:
+    (the jitted fn, `state` placed as it expects).
+  """
+  if mesh is None:
+    return jax.jit(fn), state
+  copy = replicated(mesh)
+  return (jax.jit(fn, in_shardings=(copy, data_sharding(mesh))),
+          jax.device_put(state, copy))
+
+
 def pad_batch(x: np.ndarray, multiple: int) -> np.ndarray:
   """x with zeros appended along its first (batch) axis up to a multiple of `multiple`."""
   return np.pad(x, [(0, -len(x) % multiple)] + [(0, 0)] * (x.ndim - 1))
