@@ -6,15 +6,20 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 from affinity_jax import config_lib
 from affinity_jax import constants
 from affinity_jax.errors import UserError
+from affinity_jax.models import heads
 from affinity_jax.stages import common
 from affinity_jax.stages import pipeline
+from affinity_jax.stages import random_walk
+from affinity_jax.training import mesh as mesh_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOC_SAMPLE = os.path.join(REPO, "..", "shared", "voc_sample")
@@ -169,7 +174,6 @@ def test_voc_sample_end_to_end(tmp_path):
 
 
 def test_walk_batches_pad_each_image_and_mask_the_rest():
-  from affinity_jax.stages import random_walk
   images = [np.ones((16, 24, 3), np.float32), 2 * np.ones((8, 8, 3), np.float32)]
   grids = [np.ones((2, 3, 2), np.float32), np.ones((1, 1, 3), np.float32)]
   x, grid, valid = random_walk.batch_inputs(images, grids, bucket=64)
@@ -183,11 +187,6 @@ def test_walk_batches_pad_each_image_and_mask_the_rest():
 
 
 def test_walk_split_over_8_devices_equals_one_device():
-  import jax
-  from flax import nnx
-  from affinity_jax.models import heads
-  from affinity_jax.stages import random_walk
-  from affinity_jax.training import mesh as mesh_lib
   assert jax.device_count() == 8   # conftest.py
   rw = config_lib.load_config("configs/scenes.py:tiny").rw
   model = heads.AffinityNet("tiny", rngs=nnx.Rngs(0))
