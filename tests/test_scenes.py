@@ -2,7 +2,11 @@
 
 import glob
 import os
+import pickle
+import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -98,6 +102,45 @@ def test_builder_round_trip_and_bytes(tmp_path):
       ids.add(ex["id"])
   assert len(ids) == 14
   assert "tensorflow" not in sys.modules, "preparing and reading must not need TensorFlow"
+
+
+def test_source_opens_once_under_concurrent_reads(tmp_path, monkeypatch):
+  """grain reads from several threads per worker: one of them opens the files, once."""
+  import tensorflow_datasets as tfds
+  cfg = dict(image_size=32, num_train=4, num_val=1)
+  sources.prepare("scenes", str(tmp_path), **cfg)
+  src = pickle.loads(pickle.dumps(sources.open_split("scenes", "train", str(tmp_path), **cfg)))
+  opened = []
+  real = tfds.builder_from_directory
+
+  def slow_open(path):
+    opened.append(path)
+    time.sleep(0.2)  # Every thread would reach the open while the first is still in it.
+    return real(path)
+
+  monkeypatch.setattr(tfds, "builder_from_directory", slow_open)
+  ids = [None] * 8
+  threads = [threading.Thread(target=lambda i=i: ids.__setitem__(i, src[i % 4]["id"]))
+             for i in range(8)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=60)
+  assert len(opened) == 1
+  assert ids[:4] == ids[4:] and None not in ids
+
+
+def test_unpickled_source_has_imported_tfds(tmp_path):
+  """A worker imports tfds when it unpickles the source (its main thread, before reads)."""
+  cfg = dict(image_size=32, num_train=4, num_val=1)
+  sources.prepare("scenes", str(tmp_path), **cfg)
+  blob = tmp_path / "source.pkl"
+  blob.write_bytes(pickle.dumps(sources.open_split("scenes", "train", str(tmp_path), **cfg)))
+  code = ("import pickle, sys; pickle.load(open(sys.argv[1], 'rb')); "
+          "print('tensorflow_datasets' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code, str(blob)], capture_output=True,
+                       text=True, timeout=300, check=True).stdout
+  assert out.strip() == "True"
 
 
 def test_preview_grid_shows_scenes_and_masks():

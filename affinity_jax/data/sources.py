@@ -13,6 +13,7 @@ grain's worker processes.
 
 import io
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -74,6 +75,7 @@ class DecodedSource:
   def __init__(self, dataset: str, split: str, data_dir: str, **params: Any):
     self._args = (dataset, split, data_dir, params)
     self._source = None
+    self._lock = threading.Lock()
     builder = make_builder(dataset, data_dir, **params)
     if not builder.is_prepared():
       raise UserError(f"{builder.data_dir}: dataset {dataset} is not prepared; run "
@@ -89,10 +91,14 @@ class DecodedSource:
                         f"or damaged); delete {self._builder_dir} and prepare it again")
 
   def _open(self):
-    if self._source is None:
-      import tensorflow_datasets as tfds
-      builder = tfds.builder_from_directory(self._builder_dir)
-      self._source = builder.as_data_source(split=self._args[1])
+    # grain reads with several threads per worker. Under the lock only one of them
+    # opens the files; importing tfds from several threads at once can deadlock
+    # (module locks against the locks of tfds's lazy imports).
+    with self._lock:
+      if self._source is None:
+        import tensorflow_datasets as tfds
+        builder = tfds.builder_from_directory(self._builder_dir)
+        self._source = builder.as_data_source(split=self._args[1])
     return self._source
 
   def __len__(self) -> int:
@@ -110,7 +116,14 @@ class DecodedSource:
     # Worker processes reopen the files themselves.
     state = dict(self.__dict__)
     state["_source"] = None
+    del state["_lock"]
     return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+    # Unpickled in a worker's main thread before its reader threads start.
+    import tensorflow_datasets  # noqa: F401
 
   def __repr__(self) -> str:
     return f"DecodedSource({self._args[0]}, {self._args[1]}, n={self._length})"
