@@ -1,5 +1,5 @@
-"""affinity_jax.demo on the tiny scenes pipeline (run once per session, shared with
-tests/test_notebooks.py): panel names, shapes and value ranges, figures, benchmark plot."""
+"""affinity_jax.demo on the tiny scenes pipeline (the session's `tiny_workdir`, see
+conftest.py): panel names, shapes and value ranges, figures, benchmark plot."""
 
 import numpy as np
 import pytest
@@ -9,18 +9,6 @@ from affinity_jax import demo
 from affinity_jax.errors import UserError
 
 TINY = "configs/scenes.py:tiny"
-
-
-@pytest.fixture(scope="session")
-def tiny_workdir(tmp_path_factory):
-  """A workdir where the whole tiny pipeline has run (about a minute).
-
-  A fixed path under the session's temp folder: test_notebooks.py imports this fixture,
-  which makes a second definition, and its run then finds every stage done.
-  """
-  workdir = str(tmp_path_factory.getbasetemp() / "demo_tiny")
-  demo.run_pipeline(TINY, workdir)
-  return workdir
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """Executes colab/*.ipynb in small mode with nbclient, as CI does: a failing cell fails.
 
 The 'parameters' cell gets SMALL = True and a temporary WORKDIR appended. The demo
-notebook reuses the session's tiny workdir (tests/test_demo.py), so its pipeline cell
-only opens it; `demo.run_pipeline` itself is exercised by that fixture.
+notebook reuses the session's tiny workdir (conftest.py), so its pipeline cell only
+opens it; `demo.run_pipeline` itself is exercised by that fixture.
 """
 
 import json
@@ -11,8 +11,6 @@ import os
 import nbformat
 import pytest
 from nbclient import NotebookClient
-
-from test_demo import tiny_workdir  # noqa: F401  (shared session fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CELL_TIMEOUT_S = 300
@@ -35,7 +33,7 @@ def _outputs(nb, mime):
           if mime in o.get("data", {})]
 
 
-def test_demo_notebook(tiny_workdir):  # noqa: F811
+def test_demo_notebook(tiny_workdir):
   nb = execute("demo.ipynb", SMALL=True, WORKDIR=tiny_workdir, NUM_IMAGES=2)
   for png in ("demo_panels.png", "demo_own_image.png"):
     assert os.path.getsize(os.path.join(tiny_workdir, png)) > 1000

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -26,11 +27,12 @@ VOC_SAMPLE = os.path.join(REPO, "..", "shared", "voc_sample")
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("scenes_tiny"))
+def tiny_run(tiny_workdir, tmp_path_factory):
+  """A copy of the session's finished tiny run (these tests delete files in it)."""
+  workdir = str(tmp_path_factory.mktemp("stages") / "scenes_tiny")
+  shutil.copytree(tiny_workdir, workdir)
   config = config_lib.load_config("configs/scenes.py:tiny")
-  ctx = pipeline.run(config, "configs/scenes.py:tiny", workdir)
-  return ctx
+  return pipeline.run(config, "configs/scenes.py:tiny", workdir)   # Every stage done.
 
 
 def _label_ids(ctx):
