@@ -87,8 +87,9 @@ def affinity_labels(label_map: jnp.ndarray, offsets, border: str = "full"
   lab = jnp.asarray(label_map).astype(jnp.int32)
   _, h, w = lab.shape
   mask = neighbors.pair_mask(offsets, h, w, border)[None]
-  other = jnp.stack([neighbors.shift(lab, int(dy), int(dx), fill=IGNORE)
-                     for dy, dx in offsets], axis=1)
+  other = jnp.moveaxis(neighbors.shift_channels(
+      jnp.broadcast_to(lab[..., None], lab.shape + (len(offsets),)), offsets, fill=IGNORE),
+      -1, 1)
   src = lab[:, None]
   known = mask & (src < IGNORE) & (other < IGNORE)
   same = src == other
