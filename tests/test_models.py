@@ -197,3 +197,56 @@ def test_depthwise_conv_matches_grouped_conv_with_same_padding(k, stride, dilati
       x, dw.kernel[...], (stride, stride), "SAME", rhs_dilation=(dilation, dilation),
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6)
   np.testing.assert_allclose(dw(x), want, rtol=1e-5, atol=1e-5)
+
+
+def _grouped_conv(x, kernel, stride, dilation):
+  return jax.lax.conv_general_dilated(
+      x, kernel, (stride, stride), "SAME", rhs_dilation=(dilation, dilation),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+
+
+@pytest.mark.parametrize("k,stride,dilation,size", [(3, 2, 1, (9, 12)), (5, 1, 2, (7, 8)),
+                                                    (5, 2, 1, (8, 11)), (3, 1, 4, (6, 6)),
+                                                    (5, 1, 4, (10, 9)), (3, 1, 1, (5, 7))])
+def test_depthwise_conv_gradients_match_autodiff(k, stride, dilation, size):
+  # The hand-written backward against autodiff of XLA's grouped convolution (the same
+  # function), for the input and the kernel, under a loss that weights every output.
+  x = jax.random.normal(jax.random.key(1), (3, *size, 5))
+  kernel = jax.random.normal(jax.random.key(2), (k, k, 1, 5))
+  weights = jax.random.normal(jax.random.key(3), _grouped_conv(x, kernel, stride, dilation).shape)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w, stride, dilation)) * weights)
+  got = jax.jit(jax.grad(loss(layers.depthwise_conv), argnums=(0, 1)))(x, kernel)
+  want = jax.grad(loss(_grouped_conv), argnums=(0, 1))(x, kernel)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_pointwise_conv_is_a_1x1_conv():
+  pw = layers.PointwiseConv(6, 4, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 5, 7, 6))
+  want = jax.lax.conv_general_dilated(x, pw.kernel[...], (1, 1), "VALID",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(pw(x), want, rtol=1e-5, atol=1e-5)
+  assert pw.kernel.shape == (1, 1, 6, 4)
+
+
+def test_lite0_gradients_match_xla_convolutions(monkeypatch):
+  # The whole Lite0 CAM network: gradients of every parameter with the hand-written
+  # depthwise backward and the 1x1 convs as products equal those of XLA's convolutions.
+  model = CAMNet("lite0", rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  x = jax.random.normal(jax.random.key(1), (2, 40, 48, 3))
+
+  def grads():
+    def loss_fn(p):
+      logits, aux = nnx.merge(graphdef, p, rest)(x, train=False)
+      return jnp.sum(jnp.sin(logits)) + jnp.mean(aux["cams"])
+    return jax.jit(jax.grad(loss_fn))(params)
+
+  got = grads()
+  monkeypatch.setattr(layers, "depthwise_conv", _grouped_conv)
+  monkeypatch.setattr(layers.PointwiseConv, "__call__", lambda self, x: jax.lax.conv_general_dilated(
+      x, self.kernel[...], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  want = grads()
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-5 * float(jnp.max(jnp.abs(w))) + 1e-7)

@@ -3,8 +3,8 @@
   python -m affinity_jax.benchmarks.models --backbones=tiny,lite0 --size=448 --batch=2
 
 Forward: `CAMNet(x, train=False)` jitted. Train step: multi-label soft-margin
-loss, gradients of every nnx.Param, plain SGD update, jitted with the
-parameters donated; dropout keys from `fold_in(key, step)`. Times exclude
+loss, gradients of every nnx.Param except the backbone's frozen layers (which get
+none in training either), plain SGD update, jitted with the parameters donated; dropout keys from `fold_in(key, step)`. Times exclude
 compilation (reported separately). Prints a table and writes JSON.
 """
 
@@ -20,6 +20,7 @@ from flax import nnx
 from affinity_jax import io as aio
 from affinity_jax.benchmarks import timing
 from affinity_jax.models import CAMNet
+from affinity_jax.training import optim
 
 DEFAULT_BACKBONES = ("tiny", "lite0", "vgg16", "resnet38")
 
@@ -36,9 +37,13 @@ def bench(name: str, size: int, batch: int, iters: int) -> dict:
     logits, aux = nnx.merge(graphdef, params, rest)(x, train=False)
     return logits, aux["cams"]
 
+  frozen = optim.param_labels(params, model.backbone.frozen_prefixes)
+
   @jax.jit
   def train_step(params, rest, x, y, key):
     def loss_fn(p):
+      p = jax.tree.map(lambda v, label: jax.lax.stop_gradient(v) if label == optim.FROZEN
+                       else v, p, frozen)
       logits, _ = nnx.merge(graphdef, p, rest)(x, train=True, key=key)
       return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, y))
     loss, grads = jax.value_and_grad(loss_fn)(params)

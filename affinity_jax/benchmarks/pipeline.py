@@ -129,7 +129,8 @@ def bench_train(kind: str, loss_fn, backbone: str, batch: int, crop: int, repeat
   model = _NETS[kind](backbone, rngs=nnx.Rngs(0))
   graphdef, params, rng_state, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
   params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-  tx = optim.make_optimizer(params, config, model.backbone.frozen_prefixes)
+  frozen = model.backbone.frozen_prefixes
+  tx = optim.make_optimizer(params, config, frozen)
   replicated = mesh_lib.replicated(mesh)
 
   def init_state(params, rest):
@@ -140,7 +141,7 @@ def bench_train(kind: str, loss_fn, backbone: str, batch: int, crop: int, repeat
   holder = {"state": jax.jit(init_state, out_shardings=replicated)(*host)}
   del model, params, rest, host
   step_fn = loop.make_train_step(graphdef, tx, loss_fn, optim.make_schedule(config),
-                                 nnx.to_pure_dict(rng_state), mesh)
+                                 nnx.to_pure_dict(rng_state), mesh, frozen)
   data = mesh_lib.shard_batch(_train_batch(kind, batch, crop, np.random.default_rng(0)), mesh)
   rng = jax.device_put(jax.random.key(0), replicated)
 

@@ -23,6 +23,8 @@ NUM_BLOCKS = sum(s[4] for s in STAGES)
 
 
 def _conv(cin, cout, k, *, rngs, stride=1):
+  if k == 1 and stride == 1:
+    return layers.PointwiseConv(cin, cout, rngs=rngs)
   return nnx.Conv(cin, cout, (k, k), strides=stride, padding="SAME", use_bias=False, rngs=rngs,
                   kernel_init=layers.HE_NORMAL)
 

@@ -9,6 +9,7 @@
   `train=True` and takes an optional explicit key (see `docs/models.md`).
 """
 
+import functools
 from typing import Any
 
 import jax
@@ -118,13 +119,95 @@ def _same_padding(n: int, k: int, stride: int, dilation: int) -> tuple[int, int,
   return total // 2, total - total // 2, out
 
 
+def _taps(xp: jax.Array, k: int, stride: int, dilation: int, out_hw: tuple[int, int]):
+  """The k*k shifted, strided views of a padded map: yields ((i, j), [B, Ho, Wo, C])."""
+  (ho, wo), s, d = out_hw, stride, dilation
+  for i in range(k):
+    for j in range(k):
+      yield (i, j), jax.lax.slice(
+          xp, (0, i * d, j * d, 0),
+          (xp.shape[0], i * d + (ho - 1) * s + 1, j * d + (wo - 1) * s + 1, xp.shape[3]),
+          (1, s, s, 1))
+
+
+def _depthwise_geometry(shape, k, stride, dilation):
+  top, bottom, ho = _same_padding(shape[1], k, stride, dilation)
+  left, right, wo = _same_padding(shape[2], k, stride, dilation)
+  return ((0, 0), (top, bottom), (left, right), (0, 0)), (ho, wo)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, dilation: int) -> jax.Array:
+  """Depthwise convolution with TF "SAME" padding as a sum of shifted slices.
+
+  Args:
+    x: [B, H, W, C].
+    kernel: [k, k, 1, C] (`nnx.Conv`'s layout for `feature_group_count=C`).
+    stride: spatial stride.
+    dilation: kernel dilation.
+
+  Returns:
+    [B, ceil(H/stride), ceil(W/stride), C].
+  """
+  k = kernel.shape[0]
+  pads, out_hw = _depthwise_geometry(x.shape, k, stride, dilation)
+  xp = jnp.pad(x, pads)
+  out = None
+  for (i, j), tap in _taps(xp, k, stride, dilation, out_hw):
+    out = tap * kernel[i, j, 0] if out is None else out + tap * kernel[i, j, 0]
+  return out
+
+
+def _depthwise_fwd(x, kernel, stride, dilation):
+  return depthwise_conv(x, kernel, stride, dilation), (x, kernel)
+
+
+def _depthwise_bwd(stride, dilation, residuals, g):
+  # Autodiff of the slices turns each of the k*k taps into a full-size pad in the input
+  # gradient and a full-size temporary per kernel tap: ~25 x 21 MB per 1152-channel
+  # layer of Lite0, whose fresh pages the kernel must zero (docs/models.md).
+  x, kernel = residuals
+  k = kernel.shape[0]
+  pads, out_hw = _depthwise_geometry(x.shape, k, stride, dilation)
+  xp = jnp.pad(x, pads)
+
+  # Kernel gradient: sum over positions of tap * g, one image at a time, so the taps of
+  # an image stay in cache instead of streaming k*k batch-sized temporaries.
+  def image(total, xg):
+    xi, gi = xg[0][None], xg[1][None]
+    return total + jnp.stack([jnp.sum(tap * gi, axis=(0, 1, 2))
+                              for _, tap in _taps(xi, k, stride, dilation, out_hw)]), None
+
+  dkernel, _ = jax.lax.scan(image, jnp.zeros((k * k, x.shape[3]), g.dtype), (xp, g))
+  dkernel = dkernel.reshape(k, k, 1, x.shape[3]).astype(kernel.dtype)
+
+  # Input gradient: the transposed convolution, i.e. g dilated by the stride, padded by
+  # the kernel's span and correlated with the flipped kernel, read where x was.
+  span = (k - 1) * dilation
+  (top, _), (left, _) = pads[1], pads[2]
+  (ho, wo), s = out_hw, stride
+  gp = jax.lax.pad(g, jnp.zeros((), g.dtype),
+                   ((0, 0, 0), (span, xp.shape[1] - (ho - 1) * s - 1, s - 1),
+                    (span, xp.shape[2] - (wo - 1) * s - 1, s - 1), (0, 0, 0)))
+  dx = None
+  for i in range(k):
+    for j in range(k):
+      r, c = top + span - i * dilation, left + span - j * dilation
+      tap = jax.lax.slice(gp, (0, r, c, 0), (x.shape[0], r + x.shape[1], c + x.shape[2], x.shape[3]))
+      dx = tap * kernel[i, j, 0] if dx is None else dx + tap * kernel[i, j, 0]
+  return dx, dkernel
+
+
+depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
 class DepthwiseConv(nnx.Module):
-  """Depthwise kxk convolution with TF "SAME" padding, no bias.
+  """Depthwise kxk convolution with TF "SAME" padding, no bias (`depthwise_conv`).
 
   The kernel has `nnx.Conv`'s layout for `feature_group_count=C`: [k, k, 1, C].
-  Computed as a sum of k*k shifted, strided slices times per-channel weights:
-  on CPU this is several times faster than XLA's grouped convolution, forward
-  and backward (measured: 9x / 4x for 5x5 dilated kernels on 672 channels).
+  Shifted slices instead of XLA's grouped convolution: on CPU several times faster
+  forward and backward (docs/models.md has the measurements); the backward is written
+  out (`jax.custom_vjp`) so that it streams through cache-sized pieces.
   """
 
   def __init__(self, channels: int, k: int, *, rngs: nnx.Rngs, stride: int = 1,
@@ -133,16 +216,44 @@ class DepthwiseConv(nnx.Module):
     self.k, self.stride, self.dilation = k, stride, dilation
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    k, s, d = self.k, self.stride, self.dilation
-    top, bottom, ho = _same_padding(x.shape[1], k, s, d)
-    left, right, wo = _same_padding(x.shape[2], k, s, d)
-    xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-    w = self.kernel[...]
-    out = None
-    for i in range(k):
-      for j in range(k):
-        tap = jax.lax.slice(xp, (0, i * d, j * d, 0),
-                            (x.shape[0], i * d + (ho - 1) * s + 1, j * d + (wo - 1) * s + 1, x.shape[3]),
-                            (1, s, s, 1))
-        out = tap * w[i, j, 0] if out is None else out + tap * w[i, j, 0]
-    return out
+    return depthwise_conv(x, self.kernel[...], self.stride, self.dilation)
+
+
+@jax.custom_vjp
+def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """1x1 convolution as a product over channels: x [B,H,W,Cin], kernel [Cin,Cout]."""
+  return jnp.einsum("bhwc,cd->bhwd", x, kernel)
+
+
+def _pointwise_fwd(x, kernel):
+  return pointwise_conv(x, kernel), (x, kernel)
+
+
+def _pointwise_bwd(residuals, g):
+  # The weight gradient as x^T g on [B*H*W, C] matrices. Autodiff's dot_general leads
+  # XLA's CPU layout assignment to transpose g instead, and that transposing copy
+  # fuses into g's producer (a depthwise backward: k*k reads per element), whose
+  # reads then stride through memory: ~280 ms instead of ~20 ms per Lite0 stage-6 block.
+  x, kernel = residuals
+  dkernel = jnp.dot(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1]))
+  return jnp.einsum("bhwd,cd->bhwc", g, kernel), dkernel
+
+
+pointwise_conv.defvjp(_pointwise_fwd, _pointwise_bwd)
+
+
+class PointwiseConv(nnx.Module):
+  """1x1 convolution, no bias, as a matrix product over channels (`pointwise_conv`).
+
+  The kernel keeps `nnx.Conv`'s [1, 1, Cin, Cout] layout (weight files map onto it
+  unchanged). On CPU XLA's convolution computes a 1x1 kernel's weight gradient
+  several times slower than the same product as a `dot` (docs/models.md).
+  `__call__(x [B, H, W, Cin]) -> [B, H, W, Cout]`.
+  """
+
+  def __init__(self, cin: int, cout: int, *, rngs: nnx.Rngs, kernel_init: Any = None):
+    self.kernel = nnx.Param((kernel_init or HE_NORMAL)(rngs.params(), (1, 1, cin, cout),
+                                                       jnp.float32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return pointwise_conv(x, self.kernel[0, 0])

@@ -92,10 +92,12 @@ def _batch_size(batch: Mapping[str, Any]) -> int:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     loss_fn: LossFn, schedule: optax.Schedule, rng_state: Any,
-                    mesh: jax.sharding.Mesh) -> Callable:
+                    mesh: jax.sharding.Mesh, frozen_prefixes: Sequence[str] = ()) -> Callable:
   """The jitted pure step `(state, batch, rng) -> (state, metrics)`.
 
-  `state` is `{"params", "rest", "opt_state", "step"}` (replicated, donated); `batch`
+  Parameters under `frozen_prefixes` enter the loss behind `stop_gradient`, so XLA
+  drops the backward pass below the last frozen layer (the optimiser would discard
+  those gradients anyway). `state` is `{"params", "rest", "opt_state", "step"}` (replicated, donated); `batch`
   is split on `data`; `rng` is the replicated base key, folded with the step number.
   `metrics` holds `loss`, `lr` and every entry of the loss function's metrics dict.
   """
@@ -105,6 +107,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     key = jax.random.fold_in(rng, state["step"])
 
     def loss_of(params):
+      params = jax.tree.map(lambda p, label: jax.lax.stop_gradient(p) if label == optim.FROZEN
+                            else p, params, optim.param_labels(params, frozen_prefixes))
       model = nnx.merge(graphdef, nnx.State(params), nnx.State(rng_state),
                         nnx.State(state["rest"]))
       loss, metrics = loss_fn(model, batch, key, train=True)
@@ -222,7 +226,8 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: An
     _truncate_metrics(workdir, start)
 
   rng = jax.device_put(jax.random.key(int(config.seed)), replicated)
-  step_fn = make_train_step(graphdef, tx, loss_fn, schedule, nnx.to_pure_dict(rng_state), mesh)
+  step_fn = make_train_step(graphdef, tx, loss_fn, schedule, nnx.to_pure_dict(rng_state), mesh,
+                            frozen_prefixes)
   show = bool(config.get("progress", True)) and sys.stderr.isatty() and is_main
   bar = tqdm(total=steps, initial=start, disable=not show, dynamic_ncols=True,
              desc=os.path.basename(os.path.normpath(workdir)) or "train")
