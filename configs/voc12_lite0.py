@@ -33,9 +33,26 @@ def get_config(arg=None):
     c.seg.enabled = False
     for stage in (c.cam, c.aff):
       stage.train.update(steps=40, log_every=10, ckpt_every=20)
+  elif arg == "cpu":
+    cpu_variant(c)
   elif arg == "tiny":
     defaults.shrink_for_smoke_test(c)
   elif arg:
-    raise UserError(f"configs/voc12_lite0.py: unknown variant {arg!r}; use :sample, :tiny "
-                    "or none")
+    raise UserError(f"configs/voc12_lite0.py: unknown variant {arg!r}; use :cpu, :sample, "
+                    ":tiny or none")
   return c
+
+
+def cpu_variant(c):
+  """Real photos on 2 CPU cores: labels and scores on the `train` split of a folder."""
+  c.data.manual_dir = "../shared/voc_dev"
+  c.data.train_split = c.data.label_split = c.data.eval_split = "train"
+  c.data.num_workers = 1
+  c.cam.batch_size = c.aff.batch_size = 8
+  c.cam.crop = c.aff.crop = 192
+  c.cam.resize_long = (192, 320)
+  c.cam.scales = (0.5, 1.0)
+  c.cam.infer_batch = 2
+  c.cam.train.update(steps=230, lr=0.01, log_every=10, ckpt_every=50)
+  c.aff.train.update(steps=150, lr=0.1, log_every=10, ckpt_every=50)
+  c.seg.enabled = False

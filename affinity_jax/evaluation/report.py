@@ -13,6 +13,7 @@ import numpy as np
 
 from affinity_jax import io
 from affinity_jax.constants import VOC_CLASSES
+from affinity_jax.evaluation import label_quality
 from affinity_jax.ops import metrics
 
 LABEL_NAMES = ("background",) + VOC_CLASSES
@@ -71,19 +72,30 @@ def table(results: dict, only_present: bool = False) -> str:
 
 def write(out_dir: str, cms: Mapping[str, np.ndarray], *, only_present: bool = False,
           title: str = "Evaluation", names: Sequence[str] = LABEL_NAMES,
-          echo: bool = True) -> dict:
+          echo: bool = True, labels: dict | None = None) -> dict:
   """Writes `results.json` and `results.md` in `out_dir` (atomically) and prints the table.
+
+  Args:
+    labels: optional `label_quality.summarize` numbers of the affinity labels; stored
+      under "affinity_labels" and shown as a second table.
 
   Returns:
     The `summarize` dict that went into results.json.
   """
   results = summarize(cms, names)
   text = table(results, only_present)
+  if labels is not None:
+    results["affinity_labels"] = labels
   io.write_json(os.path.join(out_dir, "results.json"), results)
   pixels = ", ".join(f"{m}: {r['pixels']:,}" for m, r in results["methods"].items())
-  io.write_text(os.path.join(out_dir, "results.md"),
-                f"# {title}\n\nIoU per class and mIoU, %. Pixels scored: {pixels}.\n\n"
-                f"{text}\n")
+  md = f"# {title}\n\nIoU per class and mIoU, %. Pixels scored: {pixels}.\n\n{text}\n"
+  if labels is not None:
+    md += ("\n## Affinity labels against the true masks\n\n"
+           "What AffinityNet learns from (the CRF labels of the scored images, whole "
+           "images, no crop): see docs/evaluation.md.\n\n" + label_quality.table(labels) + "\n")
+  io.write_text(os.path.join(out_dir, "results.md"), md)
   if echo:
     print(text)
+    if labels is not None:
+      print(label_quality.table(labels))
   return results

@@ -4,6 +4,7 @@ Writes `eval/results.json`, `eval/results.md` (IoU per class and mIoU, methods s
 side), `eval/confusion_<method>.png` and `eval/overlays.png`.
 """
 
+import functools
 import os
 
 import jax
@@ -12,10 +13,13 @@ from tqdm import tqdm
 
 from affinity_jax import constants
 from affinity_jax.evaluation import confusion
+from affinity_jax.evaluation import label_quality
 from affinity_jax.evaluation import plots
 from affinity_jax.evaluation import report
+from affinity_jax.labels import store
 from affinity_jax.ops import cam as cam_ops
 from affinity_jax.ops import metrics
+from affinity_jax.ops import neighbors
 from affinity_jax.stages import common
 from affinity_jax.stages import segmentation
 
@@ -89,7 +93,20 @@ def run(ctx: common.Context) -> dict:
                      pseudo=confusion.read_label_png(ctx.path("rw", image_id + ".png")),
                      gt=gt(image_id), title=image_id))
   plots.overlay_grid(os.path.join(out, "overlays.png"), rows)
+  labels = affinity_label_quality(ctx, ids, gt)
   title = (f"{c.data.name}: pseudo masks on {c.data.eval_split}"
            + (f", segmentation net on {c.data.seg_eval_split}" if c.seg.enabled else ""))
   return report.write(out, cms, only_present=c.data.name == "scenes", title=title,
-                      names=names)
+                      names=names, labels=labels)
+
+
+def affinity_label_quality(ctx: common.Context, ids: list[str], gt) -> dict | None:
+  """`label_quality.measure` over the scored images that have CRF labels (None if none)."""
+  crf_dir = ctx.path("crf")
+  have = [i for i in ids if store.exists(crf_dir, i)]
+  if not have:
+    return None
+  offsets = neighbors.half_disk_offsets(ctx.config.aff.radius)
+  return label_quality.measure(tqdm(have, desc="affinity labels", unit="img"),
+                               functools.partial(store.load, crf_dir), gt, offsets,
+                               ctx.config.aff.border)
