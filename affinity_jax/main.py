@@ -22,4 +22,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  from affinity_jax import runtime
+  runtime.restart_with_huge_pages()
   config_lib.run_main(main)

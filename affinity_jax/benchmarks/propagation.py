@@ -214,4 +214,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  from affinity_jax import runtime
+  runtime.restart_with_huge_pages()
   main()
