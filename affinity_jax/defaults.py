@@ -57,6 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
       resize_long=(256, 512),    # random long side before the crop
       scales=(1.0, 0.5, 1.5, 2.0),  # inference scales, each also flipped
       infer_batch=4,             # images of one size per inference call (x2 flips)
+      # Parameter path prefixes kept fixed on top of the backbone's own frozen layers,
+      # e.g. ("backbone",) trains only the classifier (the same key in aff and seg).
+      frozen=(),
       train=_train(steps=9920, lr=0.01, momentum=0.9),
   ))
 
@@ -73,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
       crop=448,
       radius=5,
       border="full",             # "full": every pair inside the crop; "reference": psa's
+      frozen=(),                 # as cam.frozen
       train=_train(steps=10580, lr=0.1, momentum=0.9),
   ))
 
@@ -94,6 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=16,
       crop=448,
       resize_long=(256, 512),
+      frozen=(),                 # as cam.frozen
       train=_train(steps=6000, lr=0.01, momentum=0.9),
   ))
 

@@ -35,16 +35,26 @@ def get_config(arg=None):
       stage.train.update(steps=40, log_every=10, ckpt_every=20)
   elif arg == "cpu":
     cpu_variant(c)
+  elif arg == "cpu_tiny":
+    cpu_variant(c)
+    defaults.shrink_for_smoke_test(c)
   elif arg == "tiny":
     defaults.shrink_for_smoke_test(c)
   elif arg:
-    raise UserError(f"configs/voc12_lite0.py: unknown variant {arg!r}; use :cpu, :sample, "
-                    ":tiny or none")
+    raise UserError(f"configs/voc12_lite0.py: unknown variant {arg!r}; use :cpu, :cpu_tiny, "
+                    ":sample, :tiny or none")
   return c
 
 
 def cpu_variant(c):
-  """Real photos on 2 CPU cores: labels and scores on the `train` split of a folder."""
+  """Real photos on 2 CPU cores: labels and scores on the `train` split of a folder.
+
+  Differs from the spec where measurements on voc_dev said so (docs/real_photos.md):
+  the backbone stays at its ImageNet weights in both trained networks (only the
+  classifier and AffinityNet's feature layers train); background powers scaled to
+  Lite0's flatter CAMs; a sharper walk (beta 32) for affinities that stay well above
+  zero across boundaries; fewer steps, smaller crops and two inference scales for time.
+  """
   c.data.manual_dir = "../shared/voc_dev"
   c.data.train_split = c.data.label_split = c.data.eval_split = "train"
   c.data.num_workers = 1
@@ -53,6 +63,9 @@ def cpu_variant(c):
   c.cam.resize_long = (192, 320)
   c.cam.scales = (0.5, 1.0)
   c.cam.infer_batch = 2
+  c.cam.frozen = c.aff.frozen = ("backbone",)
   c.cam.train.update(steps=230, lr=0.01, log_every=10, ckpt_every=50)
-  c.aff.train.update(steps=150, lr=0.1, log_every=10, ckpt_every=50)
+  c.aff.train.update(steps=600, lr=0.01, log_every=25, ckpt_every=100)
+  c.crf.la_alpha, c.crf.ha_alpha = 1.0, 8.0
+  c.rw.alpha, c.rw.beta = 4.0, 32.0
   c.seg.enabled = False

@@ -108,6 +108,11 @@ def test_plots_written_with_expected_size(tmp_path):
   aspect = max(r["image"].shape[0] / r["image"].shape[1] for r in rows)
   assert Image.open(gpath).size == (800, round((3 * 2.5 * aspect + 0.3) * 80))
   assert sorted(os.listdir(tmp_path)) == ["confusion_CAM.png", "overlays.png"]
+  # With the post-walk dCRF labels the grid gets a fifth column.
+  for row in rows:
+    row["pseudo_crf"] = row["gt"]
+  assert plots.overlay_grid(gpath, rows, cell_in=2.5, dpi=80) == 3
+  assert Image.open(gpath).size[0] == 1000
 
 
 def test_png_pairs_read_palette_pngs_lazily(tmp_path):

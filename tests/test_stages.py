@@ -175,6 +175,29 @@ def test_voc_sample_end_to_end(tmp_path):
   assert len(ctx.label_ids()) == 24
 
 
+@pytest.mark.skipif(not os.path.isdir(VOC_SAMPLE), reason="../shared/voc_sample absent")
+def test_voc_cpu_variant_end_to_end_keeps_the_backbone_and_reports_label_quality(tmp_path):
+  # configs/voc12_lite0.py:cpu shrunk (cpu_tiny), on the tiny backbone for speed: the
+  # backbones of both trained networks stay as built, only the heads train.
+  config = config_lib.load_config("configs/voc12_lite0.py:cpu_tiny", {
+      "data.manual_dir": VOC_SAMPLE, "model.backbone": "tiny", "model.pretrained": ""})
+  assert config.cam.frozen == config.aff.frozen == ("backbone",)
+  ctx = pipeline.run(config, "configs/voc12_lite0.py:cpu_tiny", str(tmp_path))
+  for kind in ("cam", "aff"):
+    built, trained = ctx.make_model(kind, pretrained=False), ctx.trained_model(kind)
+    same = jax.tree.map(np.array_equal, nnx.state(built.backbone, nnx.Param),
+                        nnx.state(trained.backbone, nnx.Param))
+    assert all(jax.tree.leaves(same)), kind
+    heads_moved = jax.tree.map(lambda a, b: not np.array_equal(a, b),
+                               nnx.state(built, nnx.Param), nnx.state(trained, nnx.Param))
+    assert any(jax.tree.leaves(heads_moved)), kind
+  results = json.load(open(ctx.path("eval", "results.json")))
+  quality = results["affinity_labels"]
+  assert quality["images"] == 24 and 0 <= quality["label_map"]["coverage"] <= 1
+  assert set(quality["pairs"]) == {"bg_pos", "fg_pos", "neg"}
+  assert "Affinity labels against the true masks" in open(ctx.path("eval", "results.md")).read()
+
+
 def test_walk_batches_pad_each_image_and_mask_the_rest():
   images = [np.ones((16, 24, 3), np.float32), 2 * np.ones((8, 8, 3), np.float32)]
   grids = [np.ones((2, 3, 2), np.float32), np.ones((1, 1, 3), np.float32)]

@@ -103,13 +103,14 @@ def confusion_plot(path: str, cm: np.ndarray, names: Sequence[str], *, title: st
 
 def overlay_grid(path: str, rows: Iterable[Mapping[str, np.ndarray]], *, cell_in: float = 3.0,
                  dpi: int = 100) -> int:
-  """A grid of overlays, one image per row: image / CAM / pseudo label / ground truth.
+  """A grid of overlays, one image per row: image / CAM / pseudo label(s) / ground truth.
 
   Args:
-    path: output .png, `4 * cell_in * dpi` pixels wide and `(n * cell_in * a + 0.3) * dpi`
-        high, a = the largest height/width ratio of the images.
+    path: output .png, `n_cols * cell_in * dpi` pixels wide and
+        `(n * cell_in * a + 0.3) * dpi` high, a = the largest height/width ratio.
     rows: dicts with `image` uint8 [H, W, 3], `cam` float [H, W, k], `pseudo` [H, W] and
-      `gt` [H, W] label maps, and optionally `title` (str, e.g. the image id).
+      `gt` [H, W] label maps, optionally `title` (str, e.g. the image id) and
+      `pseudo_crf` [H, W] (CAM+RW+dCRF; a column after the walk's when every row has it).
 
   Returns:
     The number of rows drawn.
@@ -119,17 +120,22 @@ def overlay_grid(path: str, rows: Iterable[Mapping[str, np.ndarray]], *, cell_in
   rows = list(rows)
   if not rows:
     raise ValueError("overlay_grid needs at least one image")
-  heads = ("image", "CAM", "pseudo label", "ground truth")
+  crf = all("pseudo_crf" in row for row in rows)
+  heads = (("image", "CAM", "CAM+RW", "CAM+RW+dCRF", "ground truth") if crf
+           else ("image", "CAM", "pseudo label", "ground truth"))
+  cols = len(heads)
   aspect = max(np.shape(row["image"])[0] / np.shape(row["image"])[1] for row in rows)
   row_in, head_in = cell_in * aspect, 0.3
   height = len(rows) * row_in + head_in
-  fig = Figure(figsize=(4 * cell_in, height))
+  fig = Figure(figsize=(cols * cell_in, height))
   for r, row in enumerate(rows):
     image = np.asarray(row["image"], np.uint8)
-    panels = (image, cam_overlay(image, row["cam"]), label_overlay(image, row["pseudo"]),
-              label_overlay(image, row["gt"]))
+    panels = [image, cam_overlay(image, row["cam"]), label_overlay(image, row["pseudo"])]
+    if crf:
+      panels.append(label_overlay(image, row["pseudo_crf"]))
+    panels.append(label_overlay(image, row["gt"]))
     for c, panel in enumerate(panels):
-      ax = fig.add_subplot(len(rows), 4, 4 * r + c + 1)
+      ax = fig.add_subplot(len(rows), cols, cols * r + c + 1)
       ax.imshow(panel)
       ax.set_xticks([])
       ax.set_yticks([])

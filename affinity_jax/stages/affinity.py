@@ -46,4 +46,4 @@ def train(ctx: common.Context) -> None:
       worker_count=c.data.num_workers)
   loss_fn = functools.partial(affinity_loss, radius=c.aff.radius, border=c.aff.border)
   loop.train(model, loss_fn, batches, c.aff.train, ctx.path("aff"),
-             model.backbone.frozen_prefixes, ctx.mesh)
+             ctx.frozen_prefixes("aff", model), ctx.mesh)

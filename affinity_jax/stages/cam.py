@@ -35,7 +35,7 @@ def train(ctx: common.Context) -> None:
       normalization=common.normalization(model), jitter=c.data.color_jitter,
       worker_count=c.data.num_workers)
   loop.train(model, classification_loss, batches, c.cam.train, ctx.path("cam"),
-             model.backbone.frozen_prefixes, ctx.mesh)
+             ctx.frozen_prefixes("cam", model), ctx.mesh)
 
 
 def infer(ctx: common.Context) -> None:

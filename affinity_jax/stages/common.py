@@ -84,12 +84,17 @@ class Context:
       load.load_pretrained(model, self.config.model.pretrained)
     return model
 
+  def frozen_prefixes(self, kind: str, model: nnx.Module) -> tuple[str, ...]:
+    """Parameters stage `kind` does not train: the backbone's own frozen layers, then
+    the config's `<kind>.frozen` prefixes."""
+    return tuple(model.backbone.frozen_prefixes) + tuple(self.config[kind].frozen)
+
   def trained_model(self, kind: str) -> nnx.Module:
     """The network `kind` as its training stage left it; error if that is not done."""
     model = self.make_model(kind, pretrained=False)  # The checkpoint holds every weight.
     stage_config = self.config[kind].train
     step = loop.restore_model(model, stage_config, self.path(kind),
-                              model.backbone.frozen_prefixes, self.mesh)
+                              self.frozen_prefixes(kind, model), self.mesh)
     if not _complete(step, stage_config):
       raise UserError(f"{self.path(kind, 'ckpt')}: training stage train_{kind} has not "
                       f"finished (step {step or 0} of {stage_config.steps}); run "

@@ -89,9 +89,12 @@ def run(ctx: common.Context) -> dict:
   rows = []
   for image_id in ids[:c.eval.num_overlays]:
     cams, _ = common.load_cams(ctx.path("cam_maps", image_id + ".npz"))
-    rows.append(dict(image=ctx.example(image_id)["image"], cam=cams,
-                     pseudo=confusion.read_label_png(ctx.path("rw", image_id + ".png")),
-                     gt=gt(image_id), title=image_id))
+    row = dict(image=ctx.example(image_id)["image"], cam=cams,
+               pseudo=confusion.read_label_png(ctx.path("rw", image_id + ".png")),
+               gt=gt(image_id), title=image_id)
+    if c.rw.dcrf:
+      row["pseudo_crf"] = confusion.read_label_png(ctx.path("rw_crf", image_id + ".png"))
+    rows.append(row)
   plots.overlay_grid(os.path.join(out, "overlays.png"), rows)
   labels = affinity_label_quality(ctx, ids, gt)
   title = (f"{c.data.name}: pseudo masks on {c.data.eval_split}"

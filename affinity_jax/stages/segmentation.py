@@ -46,7 +46,7 @@ def train(ctx: common.Context) -> None:
       normalization=common.normalization(model), jitter=c.data.color_jitter,
       worker_count=c.data.num_workers)
   loop.train(model, segmentation_loss, batches, c.seg.train, ctx.path("seg"),
-             model.backbone.frozen_prefixes, ctx.mesh)
+             ctx.frozen_prefixes("seg", model), ctx.mesh)
 
 
 def predictor(model: nnx.Module, pad_multiple: int = 8):
