@@ -89,3 +89,13 @@ def test_adam_and_bad_names():
     optim.make_optimizer(params, config(optimizer="lamb"))
   with pytest.raises(UserError, match="schedule"):
     optim.make_schedule(config(schedule="cosine"))
+
+
+def test_stop_frozen_gradients_zeroes_only_frozen_gradients():
+  params = {"backbone": {"conv": {"kernel": jnp.ones(3), "bias": jnp.ones(2)}},
+            "head": {"kernel": jnp.ones(4)}}
+  grads = jax.grad(lambda p: sum(jnp.sum(v ** 2) for v in jax.tree.leaves(
+      optim.stop_frozen_gradients(p, ("backbone/conv",)))))(params)
+  assert not grads["backbone"]["conv"]["kernel"].any()
+  assert not grads["backbone"]["conv"]["bias"].any()
+  np.testing.assert_allclose(grads["head"]["kernel"], 2 * np.ones(4))

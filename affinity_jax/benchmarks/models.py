@@ -4,8 +4,9 @@
 
 Forward: `CAMNet(x, train=False)` jitted. Train step: multi-label soft-margin
 loss, gradients of every nnx.Param except the backbone's frozen layers (which get
-none in training either), plain SGD update, jitted with the parameters donated; dropout keys from `fold_in(key, step)`. Times exclude
-compilation (reported separately). Prints a table and writes JSON.
+none in training either), plain SGD update, jitted with the parameters donated;
+dropout keys from `fold_in(key, step)`. Times exclude compilation (reported
+separately). Prints a table and writes JSON.
 """
 
 import argparse
@@ -37,13 +38,12 @@ def bench(name: str, size: int, batch: int, iters: int) -> dict:
     logits, aux = nnx.merge(graphdef, params, rest)(x, train=False)
     return logits, aux["cams"]
 
-  frozen = optim.param_labels(params, model.backbone.frozen_prefixes)
+  frozen = model.backbone.frozen_prefixes
 
   @jax.jit
   def train_step(params, rest, x, y, key):
     def loss_fn(p):
-      p = jax.tree.map(lambda v, label: jax.lax.stop_gradient(v) if label == optim.FROZEN
-                       else v, p, frozen)
+      p = optim.stop_frozen_gradients(p, frozen)
       logits, _ = nnx.merge(graphdef, p, rest)(x, train=True, key=key)
       return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, y))
     loss, grads = jax.value_and_grad(loss_fn)(params)

@@ -23,7 +23,6 @@ import numpy as np
 from affinity_jax.constants import IGNORE
 from affinity_jax.data import transforms
 from affinity_jax.ops import affinity
-from affinity_jax.ops import neighbors
 
 PAIR_KINDS = ("bg_pos", "fg_pos", "neg")
 # Label maps are padded to this many cells per side (255: no pairs), so that every

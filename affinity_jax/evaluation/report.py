@@ -88,14 +88,15 @@ def write(out_dir: str, cms: Mapping[str, np.ndarray], *, only_present: bool = F
     results["affinity_labels"] = labels
   io.write_json(os.path.join(out_dir, "results.json"), results)
   pixels = ", ".join(f"{m}: {r['pixels']:,}" for m, r in results["methods"].items())
+  labels_text = label_quality.table(labels) if labels is not None else None
   md = f"# {title}\n\nIoU per class and mIoU, %. Pixels scored: {pixels}.\n\n{text}\n"
-  if labels is not None:
+  if labels_text:
     md += ("\n## Affinity labels against the true masks\n\n"
            "What AffinityNet learns from (the CRF labels of the scored images, whole "
-           "images, no crop): see docs/evaluation.md.\n\n" + label_quality.table(labels) + "\n")
+           "images, no crop): see docs/evaluation.md.\n\n" + labels_text + "\n")
   io.write_text(os.path.join(out_dir, "results.md"), md)
   if echo:
     print(text)
-    if labels is not None:
-      print(label_quality.table(labels))
+    if labels_text:
+      print(labels_text)
   return results

@@ -95,9 +95,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh, frozen_prefixes: Sequence[str] = ()) -> Callable:
   """The jitted pure step `(state, batch, rng) -> (state, metrics)`.
 
-  Parameters under `frozen_prefixes` enter the loss behind `stop_gradient`, so XLA
-  drops the backward pass below the last frozen layer (the optimiser would discard
-  those gradients anyway). `state` is `{"params", "rest", "opt_state", "step"}` (replicated, donated); `batch`
+  Parameters under `frozen_prefixes` enter the loss behind `stop_gradient`
+  (`optim.stop_frozen_gradients`). `state` is `{"params", "rest", "opt_state", "step"}` (replicated, donated); `batch`
   is split on `data`; `rng` is the replicated base key, folded with the step number.
   `metrics` holds `loss`, `lr` and every entry of the loss function's metrics dict.
   """
@@ -107,8 +106,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     key = jax.random.fold_in(rng, state["step"])
 
     def loss_of(params):
-      params = jax.tree.map(lambda p, label: jax.lax.stop_gradient(p) if label == optim.FROZEN
-                            else p, params, optim.param_labels(params, frozen_prefixes))
+      params = optim.stop_frozen_gradients(params, frozen_prefixes)
       model = nnx.merge(graphdef, nnx.State(params), nnx.State(rng_state),
                         nnx.State(state["rest"]))
       loss, metrics = loss_fn(model, batch, key, train=True)

@@ -78,6 +78,16 @@ def param_labels(params: Any, frozen_prefixes: Sequence[str] = ()) -> Any:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
+def stop_frozen_gradients(params: Any, frozen_prefixes: Sequence[str] = ()) -> Any:
+  """`params` with the frozen ones (see `param_labels`) behind `jax.lax.stop_gradient`.
+
+  Used inside a loss, it lets XLA drop the backward pass below the last frozen layer
+  (the optimiser would discard those gradients anyway).
+  """
+  return jax.tree.map(lambda p, label: jax.lax.stop_gradient(p) if label == FROZEN else p,
+                      params, param_labels(params, frozen_prefixes))
+
+
 def make_schedule(config: Any) -> optax.Schedule:
   """Base learning rate per step: `poly` = `lr * (1 - step / steps) ** poly_power`.
 
