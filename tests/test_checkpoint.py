@@ -63,3 +63,21 @@ def test_checkpoint_of_another_model_is_a_user_error(tmp_path):
     Checkpointer(str(tmp_path / "ckpt")).restore(other)
   with pytest.raises(UserError, match="holds no checkpoint"):
     Checkpointer(str(tmp_path / "empty")).restore(make_state())
+
+
+def test_restore_model_reads_the_model_only(tmp_path):
+  state = make_state()
+  ckpt = Checkpointer(str(tmp_path / "ckpt"))
+  ckpt.save(5, state, {"pos": 5})
+  ckpt.wait()
+  rep = mesh_lib.replicated(mesh_lib.make_mesh())
+  model_only = {k: state[k] for k in ("params", "rest")}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                          model_only)
+  restored = Checkpointer(str(tmp_path / "ckpt")).restore_model(abstract)
+  assert set(restored) == {"params", "rest"}   # No optimiser state, step or position.
+  jax.tree.map(np.testing.assert_array_equal, restored, jax.device_get(model_only))
+  assert restored["params"]["head"]["bias"].sharding == rep
+  model_only["params"]["backbone"]["kernel"] = jnp.zeros((2, 5))
+  with pytest.raises(UserError, match="backbone/kernel"):
+    Checkpointer(str(tmp_path / "ckpt")).restore_model(model_only)

@@ -2,7 +2,7 @@
 
 A checkpoint step folder holds two items:
   - `state`: a pytree of arrays (model parameters and other variables as pure dicts,
-    optimiser state, step, base rng key data), written with `StandardSave`;
+    optimiser state, step), written with `StandardSave`;
   - `data`: the input iterator's `get_state()` dict, written with `JsonSave`.
 Orbax writes each step to a temporary folder and renames it when complete, so a killed
 run leaves either the previous checkpoints or the new one, never a half-written one.
@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from affinity_jax.errors import UserError
 from affinity_jax.training.optim import path_str
@@ -27,6 +28,10 @@ _BYTES_KEY = "__bytes_base64__"
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {path_str(p): tuple(getattr(x, "shape", np.shape(x))) for p, x in leaves}
+
+
+def _abstract(x: Any) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
 
 
 class Checkpointer:
@@ -88,14 +93,8 @@ class Checkpointer:
       UserError: no checkpoint, or one written for another model (the message names
         the first parameter whose presence or shape differs).
     """
-    self.wait()
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise UserError(f"checkpoint directory {self.directory} holds no checkpoint")
-    self._check_compatible(step, abstract_state)
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        abstract_state)
+    step = self._readable_step(step, abstract_state)
+    abstract = jax.tree.map(_abstract, abstract_state)
     restored = self._manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                       data=ocp.args.JsonRestore()))
@@ -103,6 +102,42 @@ class Checkpointer:
     if set(data_state) == {_BYTES_KEY}:
       data_state = base64.b64decode(data_state[_BYTES_KEY])
     return restored["state"], data_state
+
+  def restore_model(self, abstract_model: dict, step: int | None = None) -> Any:
+    """Reads only the model's variables of a checkpoint (for inference).
+
+    The optimiser state, step and pipeline position stay on disk: nothing is built or
+    read for them.
+
+    Args:
+      abstract_model: `{"params": ..., "rest": ...}` pytrees of arrays or
+        `jax.ShapeDtypeStruct`s (with `sharding`), as `train` saved them.
+      step: which checkpoint; default the latest.
+
+    Returns:
+      The restored `{"params": ..., "rest": ...}`.
+
+    Raises:
+      UserError: as `restore`.
+    """
+    step = self._readable_step(step, abstract_model)
+    abstract = jax.tree.map(_abstract, abstract_model)
+    # The `state` item alone, and of it only these keys (orbax partial restore).
+    with ocp.PyTreeCheckpointer() as reader:
+      return reader.restore(
+          os.path.join(self.directory, str(step), "state"),
+          args=ocp.args.PyTreeRestore(
+              item=abstract, partial_restore=True,
+              restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
+
+  def _readable_step(self, step: int | None, abstract_state: Any) -> int:
+    """`step` (default the latest) once written, after checking it fits the state."""
+    self.wait()
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise UserError(f"checkpoint directory {self.directory} holds no checkpoint")
+    self._check_compatible(step, abstract_state)
+    return step
 
   def _check_compatible(self, step: int, abstract_state: Any) -> None:
     try:
@@ -140,3 +175,29 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def restore_model(model: nnx.Module, directory: str, step: int | None = None,
+                  sharding: jax.sharding.Sharding | None = None) -> None:
+  """Loads a training checkpoint's model variables into `model`, for inference.
+
+  Only `params` and `rest` are read (`Checkpointer.restore_model`): no optimiser is
+  built and its state is not read.
+
+  Args:
+    model: the network as built (its variables give the shapes), updated in place.
+    directory: the checkpoint folder `loop.train` wrote.
+    step: which checkpoint; default the latest.
+    sharding: where the restored arrays go (default: where the model's arrays are).
+  """
+  # The same split as `loop.train`: rng state is not saved.
+  _, params, _, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or x.sharding),
+      dict(params=nnx.to_pure_dict(params), rest=nnx.to_pure_dict(rest)))
+  ckpt = Checkpointer(directory)
+  try:
+    state = ckpt.restore_model(abstract, step)
+  finally:
+    ckpt.close()
+  nnx.update(model, nnx.State(state["params"]), nnx.State(state["rest"]))
