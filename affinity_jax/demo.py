@@ -5,41 +5,35 @@
   demo.show(demo.predict_image(ctx, my_uint8_rgb_image))
 
 Every panel is an RGB uint8 image of the input's size, so a figure is a plain grid.
-The networks come from the workdir's checkpoints (`Context.trained_model`); the
-multi-scale CAMs, the walk's input and the segmentation prediction reuse the stage code.
+The networks and their computations are the stages' own (`Context.classifier`,
+`Context.walker`, `Context.segmenter`, from `affinity_jax.inference`), so a panel of a
+stored image shows exactly what the stage stored.
 """
 
 import dataclasses
 import functools
-import io as _io
 import json
-import os
 from typing import Mapping, Sequence
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from affinity_jax import config_lib
-from affinity_jax import constants
-from affinity_jax import io
 from affinity_jax.data import transforms
 from affinity_jax.errors import UserError
-from affinity_jax.evaluation import confusion
 from affinity_jax.evaluation import plots
-from affinity_jax.labels import store
+from affinity_jax.evaluation import report
+from affinity_jax.inference import STRIDE
+from affinity_jax.inference import cam
+from affinity_jax.inference import walk
 from affinity_jax.ops import affinity as aff_ops
 from affinity_jax.ops import cam as cam_ops
-from affinity_jax.stages import cam as cam_stage
 from affinity_jax.stages import common
-from affinity_jax.stages import evaluate
 from affinity_jax.stages import pipeline
-from affinity_jax.stages import random_walk
-from affinity_jax.stages import segmentation
 from affinity_jax.training import mesh as mesh_lib
+from affinity_jax.workdir import Workdir
 
-STRIDE = random_walk.STRIDE
 # Right and down neighbours: the edge map shows 1 - the weaker of the two affinities.
 EDGE_OFFSETS = np.array([[0, 1], [1, 0]], np.int32)
 CLASSIFIER_THRESHOLD = 0.5
@@ -75,7 +69,7 @@ def open_workdir(workdir: str, run: bool = True) -> common.Context:
     run: run the stages whose outputs are missing (finished ones are skipped); False
       only opens the workdir and writes nothing (for reading a run still in progress).
   """
-  path = os.path.join(workdir, "config.json")
+  path = Workdir(workdir).config
   try:
     with open(path) as f:
       saved = json.load(f)
@@ -104,31 +98,23 @@ def image_ids(ctx: common.Context, split: str | None = None) -> list[str]:
 
 
 @functools.lru_cache(maxsize=4)
-def _affinity_tools(ctx: common.Context):
-  """The trained AffinityNet + walk: (walk, state, normalisation), see `walker`."""
-  model = ctx.trained_model("aff")
-  walk, state = random_walk.walker(model, ctx.config.rw)
-  return walk, state, common.normalization(model)
+def _classifier(ctx: common.Context) -> cam.Classifier:
+  return ctx.classifier()
 
 
 @functools.lru_cache(maxsize=4)
-def _classifier_tools(ctx: common.Context):
-  """Jitted CAM forward and merge, the classifier's state and its normalisation."""
-  model = ctx.trained_model("cam")
-  forward, state = cam_stage.classifier_forward(model)
-  return forward, state, cam_stage.jitted_merge(), common.normalization(model)
+def _walker(ctx: common.Context) -> walk.Walker:
+  return ctx.walker()
 
 
 @functools.lru_cache(maxsize=4)
 def _segmenter(ctx: common.Context):
-  if not ctx.config.seg.enabled:
-    return None
-  return segmentation.predictor(ctx.trained_model("seg"))
+  return ctx.segmenter() if ctx.config.seg.enabled else None
 
 
 def _walk(ctx: common.Context, image: np.ndarray, cams: np.ndarray, keys: np.ndarray
           ) -> tuple[np.ndarray, np.ndarray]:
-  """AffinityNet + random walk on one image.
+  """AffinityNet + random walk on one image, as the infer_rw stage runs them.
 
   Args:
     image: uint8 [H, W, 3].
@@ -138,19 +124,12 @@ def _walk(ctx: common.Context, image: np.ndarray, cams: np.ndarray, keys: np.nda
     (edges float32 [H, W] in [0, 1]: 1 - min affinity to the right/down neighbour,
      scores float32 [H, W, k + 1]: the walk's output, background first).
   """
-  walk, state, norm = _affinity_tools(ctx)
-  x, _ = transforms.pad_to_multiple(transforms.normalize(image, norm), STRIDE, 0.0)
-  padded, size = x.shape[:2], image.shape[:2]
-  grid = random_walk.walk_input(cams, keys, ctx.config.rw.alpha, padded)
-  # A fixed channel count (background + 20), so one compile serves every image size.
-  num = grid.shape[-1]
-  grid = np.pad(grid, ((0, 0), (0, 0), (0, 1 + constants.NUM_CLASSES - num)))
-  walked, embedding = walk(state, jnp.asarray(x[None]), jnp.asarray(grid[None]))
-  aff = np.array(aff_ops.pairwise_affinity(embedding, EDGE_OFFSETS)[0])  # [2, h, w]
+  (scores,), (embedding,) = _walker(ctx)([image], [(cams, keys)], embeddings=True)
+  aff = np.array(aff_ops.pairwise_affinity(jnp.asarray(embedding[None]), EDGE_OFFSETS)[0])
   aff[0, :, -1] = aff[1, -1, :] = 1.0            # No neighbour beyond the map: no edge.
-  edges = 1.0 - aff.min(axis=0)
-  edges = random_walk.scores_to_image(edges[..., None], padded, size)[..., 0]
-  scores = random_walk.scores_to_image(np.asarray(walked[0, ..., :num]), padded, size)
+  edges = 1.0 - aff.min(axis=0)                  # [h, w]
+  padded = (embedding.shape[0] * STRIDE, embedding.shape[1] * STRIDE)
+  edges = walk.scores_to_image(edges[..., None], padded, image.shape[:2])[..., 0]
   return np.clip(edges, 0, 1), scores
 
 
@@ -172,10 +151,9 @@ def _grey(values: np.ndarray, cmap: str = "gray_r") -> np.ndarray:
 def _common_panels(ctx: common.Context, image: np.ndarray, cams: np.ndarray,
                    keys: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """CAM, background score, learned affinities and walk panels; also the walk labels."""
-  full = common.full_cams(cams, keys)
+  full = cam.full_cams(cams, keys)
   bg = np.asarray(cam_ops.background_score(jnp.asarray(full), ctx.config.rw.alpha))
   edges, scores = _walk(ctx, image, cams, keys)
-  label_keys = np.concatenate([[0], keys]).astype(np.uint8)
   panels = {
       "image": image,
       "CAM": plots.cam_overlay(image, full),
@@ -183,7 +161,7 @@ def _common_panels(ctx: common.Context, image: np.ndarray, cams: np.ndarray,
       "learned affinities (edges)": _grey(edges),
       "random walk": plots.cam_overlay(image, _heat(scores[..., 1:])),
   }
-  return panels, label_keys[np.argmax(scores, axis=-1)]
+  return panels, walk.labels(scores, keys)
 
 
 def affinity_label_map(ctx: common.Context, image_id: str) -> np.ndarray:
@@ -192,7 +170,7 @@ def affinity_label_map(ctx: common.Context, image_id: str) -> np.ndarray:
   The stored CRF marginals of the uncropped image, padded to a multiple of 8, go through
   the training stage's `label_map_from_crf`; each cell is repeated over its 8 x 8 pixels.
   """
-  la, ha, keys = store.load(ctx.path("crf"), image_id)
+  la, ha, keys = ctx.files.crf.load(image_id)
   size = la.shape[:2]
   la, _ = transforms.pad_to_multiple(la, STRIDE, 0.0)
   ha, _ = transforms.pad_to_multiple(ha, STRIDE, 0.0)
@@ -210,25 +188,23 @@ def explain(ctx: common.Context, image_id: str) -> Panels:
   """
   example = ctx.example(image_id)
   image = example["image"]
-  cams, keys = common.load_cams(ctx.path("cam_maps", image_id + ".npz"))
+  cams, keys = ctx.files.cams.load(image_id)
   panels, _ = _common_panels(ctx, image, cams, keys)
   panels["affinity labels"] = plots.label_overlay(image, affinity_label_map(ctx, image_id))
   order = ["image", "CAM", "background score", "affinity labels",
            "learned affinities (edges)", "random walk"]
   panels = {k: panels[k] for k in order}
-  pseudo = confusion.read_label_png(ctx.path("rw", image_id + ".png"))
-  panels["pseudo label (RW)"] = plots.label_overlay(image, pseudo)
-  crf_png = ctx.path("rw_crf", image_id + ".png")
-  if os.path.exists(crf_png):
+  panels["pseudo label (RW)"] = plots.label_overlay(image, ctx.files.rw.load(image_id))
+  if ctx.files.rw_crf.exists(image_id):
     panels["pseudo label (RW+dCRF)"] = plots.label_overlay(
-        image, confusion.read_label_png(crf_png))
+        image, ctx.files.rw_crf.load(image_id))
   panels["ground truth"] = plots.label_overlay(image, example["mask"])
   return Panels(f"{image_id}: {class_names(ctx, keys)}", panels)
 
 
 def class_names(ctx: common.Context, keys: Sequence[int]) -> str:
   """The names of label ids `keys` as the reports write them ("class 1" for the scenes)."""
-  names = evaluate.class_names(ctx.config.data.name)
+  names = report.class_names(ctx.config.data.name)
   return ", ".join(names[int(k)] for k in keys) or "no class"
 
 
@@ -242,17 +218,9 @@ def classify(ctx: common.Context, image: np.ndarray) -> tuple[np.ndarray, np.nda
     (keys int [k]: label ids whose sigmoid at scale 1 exceeds 0.5, else the top-1;
      cams float32 [H, W, k]: the 8-pass merged CAMs of those classes).
   """
-  forward, state, merge, norm = _classifier_tools(ctx)
-  x, _ = transforms.pad_to_multiple(transforms.normalize(image, norm), STRIDE, 0.0)
-  logits, _ = forward(state, jnp.asarray(x[None]))
-  probs = np.asarray(jax.nn.sigmoid(logits[0]))
-  present = probs > CLASSIFIER_THRESHOLD
-  if not present.any():
-    present[np.argmax(probs)] = True
-  labels = present.astype(np.uint8)
-  cams = cam_stage.multiscale_cams(forward, state, merge,
-                                   dict(image=image, labels=labels), norm,
-                                   tuple(ctx.config.cam.scales))
+  classifier = _classifier(ctx)
+  labels = classifier.labels(image, CLASSIFIER_THRESHOLD)
+  cams = classifier.cams([dict(image=image, labels=labels)])[0]
   keys = np.flatnonzero(labels) + 1
   return keys, cams[..., keys - 1]
 
@@ -342,95 +310,9 @@ def show(panels: Panels | Sequence[Panels], cell_in: float = 2.2):
   return fig
 
 
-def save_figure(fig, path: str, dpi: int = 100) -> None:
-  """Writes a figure from `show` or `benchmark_figure` as a PNG (atomically)."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-  FigureCanvasAgg(fig)
-  buf = _io.BytesIO()
-  fig.savefig(buf, format="png", dpi=dpi)
-  io.write_bytes(path, buf.getvalue())
+save_figure = plots.save_figure   # (fig from `show`, path, dpi=100): a PNG, atomically.
 
 
 def results_markdown(ctx: common.Context) -> str:
   """The evaluation table (`eval/results.md`) of the run."""
-  path = ctx.path("eval", "results.md")
-  if not os.path.exists(path):
-    raise UserError(f"{path} does not exist; run the eval stage first")
-  with open(path) as f:
-    return f.read()
-
-
-# The propagation benchmark notebook ---------------------------------------------------
-
-
-def propagation_benchmark(sizes: Sequence[tuple[int, int]], *, dim: int = 448,
-                          repeats: int = 5, dense_repeats: int = 1, batch: int = 16,
-                          seed: int = 0) -> list[dict]:
-  """Runs `affinity_jax.benchmarks.propagation.bench` on each feature grid (H, W).
-
-  Returns:
-    Its rows, one per (grid, method): `nodes`, `method`, `batch`, `ms_per_image`,
-    `peak_mb`, speed-ups and max|diff| against the dense NumPy result.
-  """
-  from affinity_jax.benchmarks import propagation
-  rng = np.random.default_rng(seed)
-  rows = []
-  for h, w in sizes:
-    rows += propagation.bench(h, w, dim, repeats, dense_repeats, batch, rng,
-                              dense_jax_max_nodes=propagation.default_dense_jax_max_nodes())
-  return rows
-
-
-def _series(rows: Sequence[dict]) -> dict[str, list[dict]]:
-  out = {}
-  for r in rows:
-    name = r["method"] + (f" (batch {r['batch']})" if r["batch"] > 1 else "")
-    out.setdefault(name, []).append(r)
-  return out
-
-
-def benchmark_figure(rows: Sequence[dict], title: str = ""):
-  """Time per image and peak memory against grid nodes (log-log), one line per method.
-
-  Args:
-    rows: `propagation_benchmark` rows.
-    title: figure title (e.g. the device).
-
-  Returns:
-    A matplotlib `Figure` with two axes.
-  """
-  from matplotlib.figure import Figure
-
-  if not rows:
-    raise ValueError("benchmark_figure needs at least one row")
-  fig = Figure(figsize=(11, 4.2))
-  axes = fig.subplots(1, 2)
-  for name, series in _series(rows).items():
-    series = sorted(series, key=lambda r: r["nodes"])
-    nodes = [r["nodes"] for r in series]
-    style = "--" if name.startswith("dense") else "-"
-    axes[0].plot(nodes, [r["ms_per_image"] for r in series], style, marker="o", label=name)
-    axes[1].plot(nodes, [r["peak_mb"] for r in series], style, marker="o", label=name)
-  for ax, what in zip(axes, ("time per image (ms)", "peak memory (MB)")):
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("grid nodes (H x W of the feature map)")
-    ax.set_ylabel(what)
-    ax.grid(True, which="both", alpha=0.3)
-  axes[0].legend(fontsize=8)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  return fig
-
-
-def benchmark_markdown(rows: Sequence[dict]) -> str:
-  """The rows as a Markdown table (grid, method, batch, ms/image, peak MB, speed-up)."""
-  lines = ["| grid | nodes | method | batch | ms / image | peak MB | x dense JAX | max abs diff |",
-           "|---|--:|---|--:|--:|--:|--:|--:|"]
-  for r in rows:
-    lines.append(f"| {r['grid']} | {r['nodes']} | {r['method']} | {r['batch']} | "
-                 f"{r['ms_per_image']:.1f} | {r['peak_mb']:.1f} | "
-                 f"{r['speedup_vs_dense_jax']:.1f} | {r['max_abs_diff_vs_dense_numpy']:.1e} |")
-  return "\n".join(lines) + "\n"
+  return ctx.files.reports.markdown()

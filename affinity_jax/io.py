@@ -1,4 +1,5 @@
-"""Atomic file output: a killed run never leaves a half-written file behind.
+"""Atomic file output (a killed run never leaves a half-written file behind), and the
+label PNG reader that matches `save_label_png`.
 
 Every writer goes to a temporary file in the destination folder, flushes and
 fsyncs it, then `os.replace`s it onto the final name (atomic on POSIX).
@@ -13,6 +14,8 @@ import tempfile
 from typing import Any, Iterator
 
 import numpy as np
+
+from affinity_jax.errors import UserError
 
 
 @contextlib.contextmanager
@@ -79,3 +82,16 @@ def save_label_png(path: str, label: np.ndarray) -> None:
   from affinity_jax import constants
 
   save_png(path, np.asarray(label).astype(np.uint8), palette=constants.voc_palette())
+
+
+def read_label_png(path: str) -> np.ndarray:
+  """A label map saved as a (palette) PNG -> uint8 [H, W] label ids."""
+  from PIL import Image
+
+  try:
+    with Image.open(path) as img:
+      if img.mode not in ("P", "L"):
+        raise UserError(f"{path}: expected a palette or grey label PNG, got mode {img.mode}")
+      return np.asarray(img, np.uint8)
+  except FileNotFoundError:
+    raise UserError(f"{path}: label PNG missing") from None

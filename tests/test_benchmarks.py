@@ -4,6 +4,8 @@ promise. No timing assertions (speed belongs in the scripts' own output)."""
 import json
 import math
 
+import numpy as np
+
 from affinity_jax import defaults
 from affinity_jax.benchmarks import models as models_bench
 from affinity_jax.benchmarks import pipeline
@@ -98,3 +100,21 @@ def test_propagation_benchmark_dense_jax_memory_only_above_the_limit(tmp_path):
   assert [r["method"] for r in rows] == ["banded JAX", "banded JAX"]
   assert all(r["speedup_vs_dense_jax"] is None for r in rows)
   assert all(r["extra_memory_vs_dense_jax"] > 0 for r in rows)   # From the compile alone.
+
+
+def test_propagation_figure_and_table():
+  rows = []
+  for nodes, grid in ((64, "8x8"), (256, "16x16")):
+    for method, batch, ms in (("dense JAX", 1, nodes ** 1.5), ("banded JAX", 1, nodes * 0.1),
+                              ("banded JAX", 4, nodes * 0.05)):
+      rows.append(dict(grid=grid, nodes=nodes, method=method, batch=batch, ms_per_image=ms,
+                       peak_mb=nodes / 100, speedup_vs_dense_jax=1.0,
+                       max_abs_diff_vs_dense_numpy=0.0))
+  fig = propagation.figure(rows, title="test")
+  time_ax, mem_ax = fig.axes
+  assert time_ax.get_xscale() == "log" and mem_ax.get_yscale() == "log"
+  labels = [line.get_label() for line in time_ax.get_lines()]
+  assert labels == ["dense JAX", "banded JAX", "banded JAX (batch 4)"]
+  np.testing.assert_allclose(time_ax.get_lines()[0].get_ydata(), [64 ** 1.5, 256 ** 1.5])
+  table = propagation.markdown(rows)
+  assert table.count("\n") == 2 + len(rows)

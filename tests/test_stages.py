@@ -17,9 +17,8 @@ from affinity_jax import config_lib
 from affinity_jax import constants
 from affinity_jax.errors import UserError
 from affinity_jax.models import heads
-from affinity_jax.stages import common
+from affinity_jax.inference import walk
 from affinity_jax.stages import pipeline
-from affinity_jax.stages import random_walk
 from affinity_jax.training import mesh as mesh_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,11 +42,17 @@ def test_every_stage_writes_its_outputs(tiny_run):
   ctx = tiny_run
   ids = _label_ids(ctx)
   assert len(ids) == 16
+  # The on-disk layout existing workdirs resume from (docs/design.md).
   for folder, suffix in (("cam_maps", ".npz"), ("crf", ".npz"), ("rw", ".png"),
                          ("rw_crf", ".png")):
-    assert common.all_exist(ctx.path(folder), ids, suffix), folder
+    for image_id in ids:
+      assert os.path.exists(os.path.join(ctx.workdir, folder, image_id + suffix)), folder
+    # infer_rw writes both label folders and marks only rw/ finished.
+    assert os.path.exists(os.path.join(ctx.workdir, folder, "DONE-0")) == (
+        folder != "rw_crf"), folder
   for stage in ("cam", "aff", "seg"):
-    lines = open(ctx.path(stage, "metrics.jsonl")).read().splitlines()
+    assert os.path.isdir(os.path.join(ctx.workdir, stage, "ckpt", "4")), stage
+    lines = open(os.path.join(ctx.workdir, stage, "metrics.jsonl")).read().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
   for stage in pipeline.STAGES:
     assert stage.done(ctx), stage.name
@@ -56,7 +61,7 @@ def test_every_stage_writes_its_outputs(tiny_run):
 def test_pseudo_masks_are_voc_palette_pngs_of_present_classes(tiny_run):
   ctx = tiny_run
   for image_id in _label_ids(ctx)[:4]:
-    img = Image.open(ctx.path("rw", image_id + ".png"))
+    img = Image.open(ctx.files.rw.path(image_id))
     assert img.mode == "P"
     palette = np.array(img.getpalette()[:3 * 256]).reshape(256, 3)
     np.testing.assert_array_equal(palette, constants.voc_palette())
@@ -70,7 +75,7 @@ def test_pseudo_masks_are_voc_palette_pngs_of_present_classes(tiny_run):
 def test_stored_cams_cover_present_classes_only(tiny_run):
   ctx = tiny_run
   image_id = _label_ids(ctx)[0]
-  cams, keys = common.load_cams(ctx.path("cam_maps", image_id + ".npz"))
+  cams, keys = ctx.files.cams.load(image_id)
   example = ctx.example(image_id)
   np.testing.assert_array_equal(keys, np.flatnonzero(example["labels"]) + 1)
   assert cams.shape == example["image"].shape[:2] + (len(keys),)
@@ -79,29 +84,29 @@ def test_stored_cams_cover_present_classes_only(tiny_run):
 
 def test_eval_reports(tiny_run):
   ctx = tiny_run
-  results = json.load(open(ctx.path("eval", "results.json")))
+  results = json.load(open(ctx.files.reports.path("results.json")))
   methods = list(results["methods"])
   assert methods[0] == "CAM" and methods[1].startswith("CAM (best t=")
   assert methods[2:] == ["CAM+RW", "CAM+RW+dCRF", "seg (val)"]
   assert results["methods"][methods[1]]["miou"] >= results["methods"]["CAM"]["miou"]
   for method in results["methods"].values():
     assert 0 <= method["miou"] <= 100
-  md = open(ctx.path("eval", "results.md")).read()
+  md = open(ctx.files.reports.path("results.md")).read()
   assert "| mIoU" in md
   for name in ("overlays.png", "confusion_cam.png", "confusion_cam_rw.png"):
-    assert os.path.getsize(ctx.path("eval", name)) > 1000
+    assert os.path.getsize(ctx.files.reports.path(name)) > 1000
 
 
 def test_rerun_skips_finished_stages_and_redoes_lost_files(tiny_run, capsys):
   ctx = tiny_run
   ids = _label_ids(ctx)
-  lost = [ctx.path("cam_maps", ids[0] + ".npz"), ctx.path("rw", ids[1] + ".png")]
+  lost = [ctx.files.cams.path(ids[0]), ctx.files.rw.path(ids[1])]
   before = [open(p, "rb").read() for p in lost]
   for path in lost:
     os.remove(path)
   # A run killed inside these stages leaves no DONE marker.
-  os.remove(ctx.path("cam_maps", "DONE-0"))
-  os.remove(ctx.path("rw", "DONE-0"))
+  os.remove(os.path.join(ctx.workdir, "cam_maps", "DONE-0"))
+  os.remove(os.path.join(ctx.workdir, "rw", "DONE-0"))
   pipeline.run(ctx.config, "configs/scenes.py:tiny", ctx.workdir)
   out = capsys.readouterr().out
   assert "[train_cam] done already" in out and "[infer_cam] running" in out
@@ -170,7 +175,7 @@ def test_voc_sample_end_to_end(tmp_path):
       "data.manual_dir": VOC_SAMPLE, "model.backbone": "tiny", "model.pretrained": "",
       "model.norm": "batch"})
   ctx = pipeline.run(config, "configs/voc12_lite0.py:tiny", str(tmp_path))
-  results = json.load(open(ctx.path("eval", "results.json")))
+  results = json.load(open(ctx.files.reports.path("results.json")))
   assert len(results["methods"]) == 3 and "CAM+RW" in results["methods"]
   assert len(ctx.label_ids()) == 24
 
@@ -191,17 +196,17 @@ def test_voc_cpu_variant_end_to_end_keeps_the_backbone_and_reports_label_quality
     heads_moved = jax.tree.map(lambda a, b: not np.array_equal(a, b),
                                nnx.state(built, nnx.Param), nnx.state(trained, nnx.Param))
     assert any(jax.tree.leaves(heads_moved)), kind
-  results = json.load(open(ctx.path("eval", "results.json")))
+  results = json.load(open(ctx.files.reports.path("results.json")))
   quality = results["affinity_labels"]
   assert quality["images"] == 24 and 0 <= quality["label_map"]["coverage"] <= 1
   assert set(quality["pairs"]) == {"bg_pos", "fg_pos", "neg"}
-  assert "Affinity labels against the true masks" in open(ctx.path("eval", "results.md")).read()
+  assert "Affinity labels against the true masks" in ctx.files.reports.markdown()
 
 
 def test_walk_batches_pad_each_image_and_mask_the_rest():
   images = [np.ones((16, 24, 3), np.float32), 2 * np.ones((8, 8, 3), np.float32)]
   grids = [np.ones((2, 3, 2), np.float32), np.ones((1, 1, 3), np.float32)]
-  x, grid, valid = random_walk.batch_inputs(images, grids, bucket=64)
+  x, grid, valid = walk.batch_inputs(images, grids, bucket=64)
   # Channels rounded up to the walk's 8 lanes (zeros), so class counts share a shape.
   assert x.shape == (2, 64, 64, 3) and grid.shape == (2, 8, 8, 8)
   assert not grid[..., 3:].any()
@@ -219,11 +224,11 @@ def test_walk_split_over_8_devices_equals_one_device():
   images = [rng.normal(size=s + (3,)).astype(np.float32) for s in ((32, 48), (24, 24))]
   grids = [rng.uniform(size=(s[0] // 8, s[1] // 8, 3)).astype(np.float32)
            for s in ((32, 48), (24, 24))]
-  x, grid, valid = random_walk.batch_inputs(images, grids, bucket=16)
-  walk1, state1 = random_walk.walker(model, rw)
+  x, grid, valid = walk.batch_inputs(images, grids, bucket=16)
+  walk1, state1 = walk.walker(model, rw)
   want, _ = walk1(state1, x, grid, valid)
   mesh = mesh_lib.make_mesh()
-  walk8, state8 = random_walk.walker(model, rw, mesh)
+  walk8, state8 = walk.walker(model, rw, mesh)
   padded = [mesh_lib.pad_batch(a, 8) for a in (x, grid, valid)]
   assert padded[0].shape[0] == 8
   got, _ = walk8(state8, *padded)

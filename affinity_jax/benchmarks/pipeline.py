@@ -9,7 +9,7 @@ Each stage runs the code the pipeline runs, on random inputs of the spec's sizes
     state, data-sharded batch over all devices) with the stage's loss function and the
     real optimiser (parameter groups, poly schedule, momentum) of `defaults.base_config()`,
     on `--crop`^2 crops (448). Random initial weights (speed does not depend on them).
-  - infer_cam: `stages.cam.multiscale_cams` on one `--image` (375x500) image: the 8
+  - infer_cam: `inference.cam.multiscale_cams` on one `--image` (375x500) image: the 8
     passes (4 scales x flip, two per call) and the jitted merge, host resizing included.
   - crf: `labels.crf.crf_low_high` (two CRFs, 2 classes + background) on one image in
     this process; then `crf.run_pool` with `--crf-workers` processes over
@@ -40,12 +40,12 @@ from affinity_jax import io
 from affinity_jax.benchmarks import timing
 from affinity_jax.data import transforms
 from affinity_jax.errors import UserError
+from affinity_jax.inference import STRIDE
+from affinity_jax.inference import cam as cam_inference
+from affinity_jax.inference import walk as walk_inference
 from affinity_jax.labels import crf
 from affinity_jax.models import heads
-from affinity_jax.stages import affinity as aff_stage
-from affinity_jax.stages import cam as cam_stage
-from affinity_jax.stages import random_walk as rw_stage
-from affinity_jax.stages import segmentation as seg_stage
+from affinity_jax.training import losses
 from affinity_jax.training import loop
 from affinity_jax.training import mesh as mesh_lib
 from affinity_jax.training import optim
@@ -163,13 +163,13 @@ def bench_train(kind: str, loss_fn, backbone: str, batch: int, crop: int, repeat
 
 
 def bench_infer_cam(backbone: str, image: np.ndarray, scales, repeats: int) -> dict:
-  """One row: the 8-pass multi-scale CAMs of one image, as `stages.cam.infer` does."""
+  """One row: the 8-pass multi-scale CAMs of one image, as the infer_cam stage does."""
   model = heads.CAMNet(backbone, rngs=nnx.Rngs(0))
-  forward, state = cam_stage.classifier_forward(model)
-  merge = cam_stage.jitted_merge()
+  forward, state = cam_inference.classifier_forward(model)
+  merge = cam_inference.jitted_merge()
   example = dict(image=image, labels=_labels20())
   norm = model.backbone.normalization
-  fn = lambda: cam_stage.multiscale_cams(forward, state, merge, example, norm, scales)
+  fn = lambda: cam_inference.multiscale_cams(forward, state, merge, example, norm, scales)
   t0 = time.perf_counter()
   fn()
   compile_s = time.perf_counter() - t0
@@ -211,19 +211,19 @@ def bench_crf(image: np.ndarray, cams: np.ndarray, workers: int, num_images: int
 
 def bench_infer_rw(backbone: str, image: np.ndarray, cams: np.ndarray, batches,
                    repeats: int) -> list[dict]:
-  """Rows: AffinityNet forward + walk as `stages.random_walk.infer`, per batch size, and
+  """Rows: AffinityNet forward + walk as the infer_rw stage does, per batch size, and
   the dense CRF the stage runs on each walked image."""
   config = defaults.base_config()
   rw = config.rw
   model = heads.AffinityNet(backbone, rngs=nnx.Rngs(0))
-  walk, state = rw_stage.walker(model, rw)
+  walk, state = walk_inference.walker(model, rw)
 
   x, _ = transforms.pad_to_multiple(transforms.normalize(image, model.backbone.normalization),
-                                    rw_stage.STRIDE, 0.0)
-  grid = rw_stage.walk_input(cams, np.asarray(PRESENT), rw.alpha, x.shape[:2])
+                                    STRIDE, 0.0)
+  grid = walk_inference.walk_input(cams, np.asarray(PRESENT), rw.alpha, x.shape[:2])
   rows = []
   for b in batches:
-    xs, gs, valid = rw_stage.batch_inputs([x] * b, [grid] * b, config.data.infer_pad)
+    xs, gs, valid = walk_inference.batch_inputs([x] * b, [grid] * b, config.data.infer_pad)
     gh, gw = valid.shape[1:]
     args = (state, *map(jnp.asarray, (xs, gs, valid)))
     t0 = time.perf_counter()
@@ -359,17 +359,17 @@ def main(argv=None):
   print(f"backbone {a.backbone} on {info['devices']} x {info['device']} ({info['host']}), "
         f"jax {info['jax']}; compile excluded, median of {a.repeats}", flush=True)
 
-  losses = dict(cam=cam_stage.classification_loss,
-                aff=functools.partial(aff_stage.affinity_loss, radius=base.aff.radius,
-                                      border=base.aff.border),
-                seg=seg_stage.segmentation_loss)
+  loss_fns = dict(cam=losses.classification_loss,
+                  aff=functools.partial(losses.affinity_loss, radius=base.aff.radius,
+                                        border=base.aff.border),
+                  seg=losses.segmentation_loss)
   rows = []
   for stage in STAGES:
     if stage not in stages:
       continue
     if stage.startswith("train_"):
       kind = stage[len("train_"):]
-      new = [bench_train(kind, losses[kind], a.backbone, getattr(a, f"{kind}_batch"),
+      new = [bench_train(kind, loss_fns[kind], a.backbone, getattr(a, f"{kind}_batch"),
                          a.crop, a.repeats, mesh)]
     elif stage == "infer_cam":
       new = [bench_infer_cam(a.backbone, image, tuple(base.cam.scales), a.repeats)]

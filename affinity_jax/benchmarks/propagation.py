@@ -21,6 +21,8 @@ beyond its inputs and output, as the spec's table of the reference's cost report
 JAX = temp bytes; NumPy = the tracemalloc peak; its ratio to the dense JAX method's is
 per image (a batch's extra memory over its size). max|diff| is against the dense NumPy
 result.
+
+`run`, `markdown` and `figure` are what colab/propagation_benchmark.ipynb calls.
 """
 
 import argparse
@@ -28,6 +30,7 @@ import math
 import statistics
 import time
 import tracemalloc
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -171,6 +174,80 @@ def bench(h, w, dim, repeats, dense_repeats, batch, rng, methods=METHODS,
                                      if out_np is not None else None),
         max_abs_diff_batch_vs_single=(float(np.abs(out - ref_bb).max()) if b > 1 else 0.0)))
   return rows
+
+
+# What the propagation benchmark notebook calls ------------------------------------------
+
+
+def run(sizes: Sequence[tuple[int, int]], *, dim: int = 448,
+                          repeats: int = 5, dense_repeats: int = 1, batch: int = 16,
+                          seed: int = 0) -> list[dict]:
+  """Runs `bench` on each feature grid (H, W), for the notebook.
+
+  Returns:
+    Its rows, one per (grid, method): `nodes`, `method`, `batch`, `ms_per_image`,
+    `peak_mb`, speed-ups and max|diff| against the dense NumPy result.
+  """
+  rng = np.random.default_rng(seed)
+  rows = []
+  for h, w in sizes:
+    rows += bench(h, w, dim, repeats, dense_repeats, batch, rng,
+                  dense_jax_max_nodes=default_dense_jax_max_nodes())
+  return rows
+
+
+def _series(rows: Sequence[dict]) -> dict[str, list[dict]]:
+  out = {}
+  for r in rows:
+    name = r["method"] + (f" (batch {r['batch']})" if r["batch"] > 1 else "")
+    out.setdefault(name, []).append(r)
+  return out
+
+
+def figure(rows: Sequence[dict], title: str = ""):
+  """Time per image and peak memory against grid nodes (log-log), one line per method.
+
+  Args:
+    rows: `run` rows.
+    title: figure title (e.g. the device).
+
+  Returns:
+    A matplotlib `Figure` with two axes.
+  """
+  from matplotlib.figure import Figure
+
+  if not rows:
+    raise ValueError("figure needs at least one row")
+  fig = Figure(figsize=(11, 4.2))
+  axes = fig.subplots(1, 2)
+  for name, series in _series(rows).items():
+    series = sorted(series, key=lambda r: r["nodes"])
+    nodes = [r["nodes"] for r in series]
+    style = "--" if name.startswith("dense") else "-"
+    axes[0].plot(nodes, [r["ms_per_image"] for r in series], style, marker="o", label=name)
+    axes[1].plot(nodes, [r["peak_mb"] for r in series], style, marker="o", label=name)
+  for ax, what in zip(axes, ("time per image (ms)", "peak memory (MB)")):
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("grid nodes (H x W of the feature map)")
+    ax.set_ylabel(what)
+    ax.grid(True, which="both", alpha=0.3)
+  axes[0].legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  return fig
+
+
+def markdown(rows: Sequence[dict]) -> str:
+  """The rows as a Markdown table (grid, method, batch, ms/image, peak MB, speed-up)."""
+  lines = ["| grid | nodes | method | batch | ms / image | peak MB | x dense JAX | max abs diff |",
+           "|---|--:|---|--:|--:|--:|--:|--:|"]
+  for r in rows:
+    lines.append(f"| {r['grid']} | {r['nodes']} | {r['method']} | {r['batch']} | "
+                 f"{r['ms_per_image']:.1f} | {r['peak_mb']:.1f} | "
+                 f"{r['speedup_vs_dense_jax']:.1f} | {r['max_abs_diff_vs_dense_numpy']:.1e} |")
+  return "\n".join(lines) + "\n"
 
 
 def main(argv=None):

@@ -5,28 +5,16 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from affinity_jax.errors import UserError
+from affinity_jax import io
+from affinity_jax.ops import cam as cam_ops
 from affinity_jax.ops import metrics
-
-
-def read_label_png(path: str) -> np.ndarray:
-  """A label map saved as a (palette) PNG -> uint8 [H, W] label ids."""
-  from PIL import Image
-
-  try:
-    with Image.open(path) as img:
-      if img.mode not in ("P", "L"):
-        raise UserError(f"{path}: expected a palette or grey label PNG, got mode {img.mode}")
-      return np.asarray(img, np.uint8)
-  except FileNotFoundError:
-    raise UserError(f"{path}: label PNG missing") from None
 
 
 def png_pairs(ids: Iterable[str], pred_dir: str,
               gt: Callable[[str], np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Lazily yields (pred, gt) for each id from `<pred_dir>/<id>.png` and `gt(id) -> [H, W]`."""
   for i in ids:
-    yield read_label_png(os.path.join(pred_dir, f"{i}.png")), np.asarray(gt(i))
+    yield io.read_label_png(os.path.join(pred_dir, f"{i}.png")), np.asarray(gt(i))
 
 
 def accumulate(pairs: Iterable[tuple[np.ndarray, np.ndarray]], num_classes: int = 21,
@@ -60,3 +48,21 @@ def evaluate(methods: Mapping[str, Iterable[tuple[np.ndarray, np.ndarray]]],
   """`accumulate` for each method: {name: pairs} -> {name: [C, C + 1]} (order kept)."""
   return {name: accumulate(pairs, num_classes, name if progress else None)
           for name, pairs in methods.items()}
+
+
+def cam_thresholds(pairs: Iterable[tuple[np.ndarray, np.ndarray]],
+                   thresholds: Iterable[float]) -> dict[float, np.ndarray]:
+  """Confusion matrices of CAM-only labels at several background thresholds, one pass.
+
+  Args:
+    pairs: (cams float [H, W, 20], gt [H, W]) per image.
+    thresholds: constant background scores t; the label is the argmax over [t, CAMs].
+
+  Returns:
+    {t: int64 [21, 22]}.
+  """
+  cms = {t: 0 for t in thresholds}
+  for cams, gt in pairs:
+    for t in cms:
+      cms[t] = cms[t] + metrics.confusion_np(np.asarray(cam_ops.cam_label_map(cams, t)), gt)
+  return cms

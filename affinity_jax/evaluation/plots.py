@@ -5,6 +5,7 @@ backend switch, so notebooks keep their own backend) and written through `affini
 """
 
 import io as _io
+import os
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -58,7 +59,8 @@ def cam_overlay(image: np.ndarray, cams: np.ndarray, alpha: float = 0.5,
   return np.rint(out).clip(0, 255).astype(np.uint8)
 
 
-def _save(fig, path: str, dpi: int) -> None:
+def save_figure(fig, path: str, dpi: int = 100) -> None:
+  """Writes a matplotlib `Figure` as a PNG (atomically)."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
 
   FigureCanvasAgg(fig)
@@ -98,7 +100,19 @@ def confusion_plot(path: str, cm: np.ndarray, names: Sequence[str], *, title: st
                 color="white" if norm[i, j] > 0.5 else "black")
   ax.set_title(title or "confusion (row-normalised, %)")
   fig.colorbar(im, cax=fig.add_axes([0.93, 0.2, 0.02, 0.72]))
-  _save(fig, path, dpi)
+  save_figure(fig, path, dpi)
+
+
+def confusion_plots(directory: str, cms: Mapping[str, np.ndarray],
+                    names: Sequence[str]) -> None:
+  """`confusion_plot` of each method, as `<directory>/confusion_<slug>.png`.
+
+  The slug is the method name's first word in lower case, "+" as "_" ("CAM+RW" ->
+  `cam_rw`, "seg (val)" -> `seg`).
+  """
+  for name, cm in cms.items():
+    slug = name.split(" ")[0].replace("+", "_").lower()
+    confusion_plot(os.path.join(directory, f"confusion_{slug}.png"), cm, names, title=name)
 
 
 def overlay_grid(path: str, rows: Iterable[Mapping[str, np.ndarray]], *, cell_in: float = 3.0,
@@ -145,6 +159,6 @@ def overlay_grid(path: str, rows: Iterable[Mapping[str, np.ndarray]], *, cell_in
         ax.set_ylabel(str(row["title"]), fontsize=8)
   fig.subplots_adjust(left=0.03, right=0.995, top=1 - head_in / height, bottom=0.005,
                       wspace=0.02, hspace=0.02)
-  _save(fig, path, dpi)
+  save_figure(fig, path, dpi)
   return len(rows)
 

@@ -12,11 +12,18 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from affinity_jax import io
-from affinity_jax.constants import VOC_CLASSES
+from affinity_jax.constants import NUM_LABELS, VOC_CLASSES
 from affinity_jax.evaluation import label_quality
 from affinity_jax.ops import metrics
 
 LABEL_NAMES = ("background",) + VOC_CLASSES
+
+
+def class_names(dataset: str) -> tuple[str, ...]:
+  """Row names of the reports: VOC's classes, or numbered classes for the scenes."""
+  if dataset == "scenes":
+    return ("background",) + tuple(f"class {i}" for i in range(1, NUM_LABELS))
+  return LABEL_NAMES
 
 
 def summarize(cms: Mapping[str, np.ndarray], names: Sequence[str] = LABEL_NAMES) -> dict:

@@ -1,21 +1,21 @@
-"""What every stage shares: the run context, datasets, models and stored outputs."""
+"""What every stage shares: the run context (config, workdir, mesh), datasets, models."""
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from flax import nnx
 
-from affinity_jax import constants
-from affinity_jax import io
 from affinity_jax.data import sources
-from affinity_jax.errors import UserError
+from affinity_jax.inference import cam
+from affinity_jax.inference import segment
+from affinity_jax.inference import walk
 from affinity_jax.models import heads
 from affinity_jax.training import loop
+from affinity_jax.training import mesh as mesh_lib
+from affinity_jax.workdir import Workdir
 
 
 @dataclasses.dataclass(eq=False)  # Hashed by identity, for functools.cache.
@@ -25,12 +25,14 @@ class Context:
   workdir: str
   mesh: jax.sharding.Mesh
 
-  def path(self, *parts: str) -> str:
-    return os.path.join(self.workdir, *parts)
+  @functools.cached_property
+  def files(self) -> Workdir:
+    """The workdir's stores (`affinity_jax.workdir`)."""
+    return Workdir(self.workdir, jax.process_index())
 
   @functools.cached_property
   def data_dir(self) -> str:
-    return self.config.data.data_dir or self.path("tfds")
+    return self.config.data.data_dir or self.files.datasets
 
   def _dataset_params(self) -> dict[str, Any]:
     if self.config.data.name == "scenes":
@@ -90,71 +92,45 @@ class Context:
     return tuple(model.backbone.frozen_prefixes) + tuple(self.config[kind].frozen)
 
   def trained_model(self, kind: str) -> nnx.Module:
-    """The network `kind` as its training stage left it; error if that is not done."""
+    """The network `kind` as its training stage left it (parameters only); a UserError
+    names the stage to run when it has not finished."""
     model = self.make_model(kind, pretrained=False)  # The checkpoint holds every weight.
-    stage_config = self.config[kind].train
-    step = loop.restore_model(model, stage_config, self.path(kind),
-                              self.frozen_prefixes(kind, model), self.mesh)
-    if not _complete(step, stage_config):
-      raise UserError(f"{self.path(kind, 'ckpt')}: training stage train_{kind} has not "
-                      f"finished (step {step or 0} of {stage_config.steps}); run "
-                      f"--mode=train_{kind} first")
-    return model
+    return self.files.checkpoints(kind).load(model, self.config[kind].train.steps,
+                                             mesh_lib.replicated(self.mesh))
+
+  def trained(self, kind: str) -> bool:
+    """Whether the training stage of network `kind` ("cam", "aff", "seg") has finished."""
+    return self.files.checkpoints(kind).finished(self.config[kind].train.steps)
+
+  @functools.cached_property
+  def local_mesh(self) -> jax.sharding.Mesh:
+    """This host's devices: inference splits its batches over them (every host infers
+    its own images)."""
+    return mesh_lib.make_mesh(jax.local_devices())
+
+  def classifier(self) -> cam.Classifier:
+    """The trained classifier with the config's scales and padding, on `local_mesh`."""
+    return cam.Classifier(self.trained_model("cam"), self.config.cam.scales,
+                          self.config.data.infer_pad, self.local_mesh)
+
+  def walker(self) -> walk.Walker:
+    """The trained AffinityNet and the config's walk, on `local_mesh`."""
+    return walk.Walker(self.trained_model("aff"), self.config.rw,
+                       self.config.data.infer_pad, self.local_mesh)
+
+  def segmenter(self):
+    """`predict(image uint8 [H, W, 3]) -> uint8 [H, W]` of the trained segmentation net."""
+    return segment.predictor(self.trained_model("seg"), self.config.data.infer_pad)
 
 
-def _complete(step: int | None, train_config) -> bool:
-  return step is not None and step >= train_config.steps
+def train(ctx: Context, kind: str, model: nnx.Module, loss_fn, batches) -> None:
+  """Trains network `kind` with `loop.train` in its checkpoint folder (resuming)."""
+  loop.train(model, loss_fn, batches, ctx.config[kind].train,
+             ctx.files.checkpoints(kind).directory, ctx.frozen_prefixes(kind, model),
+             ctx.mesh)
 
 
-def trained(ctx: Context, kind: str) -> bool:
-  """Whether the training stage of network `kind` ("cam", "aff", "seg") has finished."""
-  train_config = ctx.config[kind].train
-  return _complete(loop.latest_step(ctx.path(kind), train_config), train_config)
-
-
-def _marker(ctx: Context, folder: str) -> str:
-  # One marker per process: on several hosts each writes its share of the images.
-  return ctx.path(folder, f"DONE-{jax.process_index()}")
-
-
-def finished(ctx: Context, folder: str) -> bool:
-  """Whether an inference stage wrote all its files into `folder` (see `mark_finished`)."""
-  return os.path.exists(_marker(ctx, folder))
-
-
-def mark_finished(ctx: Context, folder: str) -> None:
-  """Records that every per-image file of `folder` is written (a killed run has none)."""
-  io.write_text(_marker(ctx, folder), "")
-
-
-def normalization(model: nnx.Module) -> str:
-  return model.backbone.normalization
-
-
-# Stored per-image outputs ------------------------------------------------------------
-
-
-def save_cams(path: str, cams: np.ndarray, keys: np.ndarray) -> None:
-  """Merged CAMs of the present classes, float16 [H, W, k], with their label ids [k]."""
-  io.save_npz(path, cams=cams.astype(np.float16), keys=np.asarray(keys, np.int32))
-
-
-def load_cams(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """-> (cams float32 [H, W, k], keys int32 [k])."""
-  try:
-    with np.load(path) as f:
-      return f["cams"].astype(np.float32), f["keys"]
-  except (OSError, KeyError, ValueError) as e:
-    raise UserError(f"{path}: cannot read stored CAMs ({e}); delete it and rerun "
-                    "--mode=infer_cam") from None
-
-
-def full_cams(cams: np.ndarray, keys: np.ndarray) -> np.ndarray:
-  """[H, W, k] maps of label ids `keys` -> [H, W, 20] with zeros for absent classes."""
-  out = np.zeros(cams.shape[:2] + (constants.NUM_CLASSES,), np.float32)
-  out[..., np.asarray(keys) - 1] = cams
-  return out
-
-
-def all_exist(directory: str, ids: list[str], suffix: str) -> bool:
-  return all(os.path.exists(os.path.join(directory, i + suffix)) for i in ids)
+def batches(items: list, size: int):
+  """`items` in consecutive chunks of at most `size`."""
+  for start in range(0, len(items), size):
+    yield items[start:start + size]

@@ -26,12 +26,12 @@ class Stage:
 
 
 STAGES = (
-    Stage("train_cam", lambda ctx: common.trained(ctx, "cam"), cam.train),
-    Stage("infer_cam", lambda ctx: common.finished(ctx, "cam_maps"), cam.infer),
-    Stage("aff_labels", lambda ctx: common.finished(ctx, "crf"), affinity.make_labels),
-    Stage("train_aff", lambda ctx: common.trained(ctx, "aff"), affinity.train),
-    Stage("infer_rw", lambda ctx: common.finished(ctx, "rw"), random_walk.infer),
-    Stage("train_seg", lambda ctx: not ctx.config.seg.enabled or common.trained(ctx, "seg"),
+    Stage("train_cam", lambda ctx: ctx.trained("cam"), cam.train),
+    Stage("infer_cam", lambda ctx: ctx.files.cams.finished(), cam.infer),
+    Stage("aff_labels", lambda ctx: ctx.files.crf.finished(), affinity.make_labels),
+    Stage("train_aff", lambda ctx: ctx.trained("aff"), affinity.train),
+    Stage("infer_rw", lambda ctx: ctx.files.rw.finished(), random_walk.infer),
+    Stage("train_seg", lambda ctx: not ctx.config.seg.enabled or ctx.trained("seg"),
           segmentation.train),
     Stage("eval", evaluate.done, evaluate.run),
 )

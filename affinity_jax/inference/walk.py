@@ -1,0 +1,179 @@
+"""AffinityNet + banded random walk in inference mode: CAMs -> walk scores per pixel.
+
+Images are batched by padding to a common grid (rounded up to `pad_multiple`); a `valid`
+mask keeps the padding out of the walk, and with a mesh each batch is split over its
+devices.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from affinity_jax.data import transforms
+from affinity_jax.inference import STRIDE
+from affinity_jax.ops import cam as cam_ops
+from affinity_jax.ops import random_walk
+from affinity_jax.training import mesh as mesh_lib
+
+
+class Walker:
+  """A trained AffinityNet and the walk of `config.rw`, on batches of images.
+
+  Args:
+    model: a trained AffinityNet.
+    rw_config: `config.rw` (alpha, radius, beta, t, border).
+    pad_multiple: a batch's height and width are rounded up to a multiple of this, so
+      many image sizes share a few compiled shapes (`batch_inputs`).
+    mesh: optional device mesh each batch is split over (see `walker`).
+  """
+
+  def __init__(self, model: nnx.Module, rw_config, pad_multiple: int = 8,
+               mesh: jax.sharding.Mesh | None = None):
+    self.walk, self.state = walker(model, rw_config, mesh)
+    self.normalization = model.backbone.normalization
+    self.alpha = rw_config.alpha
+    self.pad_multiple = pad_multiple
+    self.devices = 1 if mesh is None else mesh.size
+
+  def __call__(self, images: list[np.ndarray], cams: list[tuple[np.ndarray, np.ndarray]],
+               embeddings: bool = False):
+    """Walks a batch of images from their merged CAMs.
+
+    Args:
+      images: uint8 [H_i, W_i, 3].
+      cams: (cams [H_i, W_i, k_i], keys [k_i] their label ids) per image.
+      embeddings: also return each image's AffinityNet embedding.
+
+    Returns:
+      scores: float32 [H_i, W_i, k_i + 1] per image, background first (`label_ids`).
+      With `embeddings`, also float32 [Hp_i / 8, Wp_i / 8, D] per image (Hp_i, Wp_i:
+      the image size padded to a multiple of 8).
+    """
+    xs, grids = [], []
+    for image, (cam, keys) in zip(images, cams):
+      x, _ = transforms.pad_to_multiple(transforms.normalize(image, self.normalization),
+                                        STRIDE, 0.0)
+      xs.append(x)
+      grids.append(walk_input(cam, keys, self.alpha, x.shape[:2]))
+    batch = [mesh_lib.pad_batch(a, self.devices)
+             for a in batch_inputs(xs, grids, self.pad_multiple)]
+    out, embedding = self.walk(self.state, *(jnp.asarray(a) for a in batch))
+    out = np.asarray(out)
+    scores = [scores_to_image(out[b, :g.shape[0], :g.shape[1], :g.shape[2]], x.shape[:2],
+                              image.shape[:2])
+              for b, (image, x, g) in enumerate(zip(images, xs, grids))]
+    if not embeddings:
+      return scores
+    embedding = np.asarray(embedding)
+    return scores, [embedding[b, :g.shape[0], :g.shape[1]] for b, g in enumerate(grids)]
+
+
+def label_ids(keys: np.ndarray) -> np.ndarray:
+  """The label id of each walk channel: uint8 [k + 1], background (0) first."""
+  return np.concatenate([[0], keys]).astype(np.uint8)
+
+
+def labels(scores: np.ndarray, keys: np.ndarray) -> np.ndarray:
+  """The walk's pseudo label: uint8 [H, W] label ids of the argmax of scores [H, W, k+1]."""
+  return label_ids(keys)[np.argmax(scores, -1)]
+
+
+def walk_input(cams: np.ndarray, keys: np.ndarray, alpha: float, padded: tuple[int, int]
+               ) -> np.ndarray:
+  """The walk's input on the feature grid: [Hp/8, Wp/8, k+1], background first.
+
+  Args:
+    cams: [H, W, k] merged CAMs of the present classes (label ids `keys`).
+    keys: [k] label ids.
+    alpha: background power, M_bg = (1 - max_c M_c)^alpha at full resolution.
+    padded: (Hp, Wp), the image size padded to a multiple of 8 (zeros beyond H, W).
+  """
+  full = np.asarray(cam_ops.with_background(jnp.asarray(cams), alpha))
+  full = np.pad(full, ((0, padded[0] - full.shape[0]), (0, padded[1] - full.shape[1]),
+                       (0, 0)))
+  h, w = padded[0] // STRIDE, padded[1] // STRIDE
+  return full.reshape(h, STRIDE, w, STRIDE, -1).mean(axis=(1, 3))
+
+
+@functools.lru_cache(maxsize=None)
+def _upsample(grid: tuple[int, int, int], padded: tuple[int, int]):
+  return jax.jit(lambda x: jax.image.resize(x, padded + (grid[2],), "bilinear"))
+
+
+def scores_to_image(scores: np.ndarray, padded: tuple[int, int], size: tuple[int, int]
+                    ) -> np.ndarray:
+  """[h, w, L] walk output -> [H, W, L]: bilinear to the padded size, then cropped."""
+  up = _upsample(scores.shape, padded)(jnp.asarray(scores))
+  return np.asarray(up)[:size[0], :size[1]]
+
+
+def walker(model, rw_config, mesh=None):
+  """AffinityNet in inference mode followed by the random walk, split for jit.
+
+  Args:
+    model: a trained AffinityNet.
+    rw_config: `config.rw` (radius, beta, t, border).
+    mesh: optional device mesh: the parameters are replicated on it and each batch is
+      split over its `data` axis (the batch must be a multiple of its size); every
+      device walks its own images (`jax.shard_map`).
+
+  Returns:
+    (walk, state): `walk(state, x [B,H,W,3], cams [B,H/8,W/8,L], valid
+    [B,H/8,W/8] bool, or None without a mesh) -> (scores [B,H/8,W/8,L], embedding
+    [B,H/8,W/8,D])`
+    and the model's nnx state.
+  """
+  graphdef, state = nnx.split(model)
+  r = rw_config
+  propagate = lambda cams, emb, valid: random_walk.propagate(
+      cams, emb, radius=r.radius, beta=r.beta, t=r.t, border=r.border, valid=valid)
+  if mesh is not None and mesh.size == 1:
+    mesh = None   # One device: `propagate` keeps its own jit (with the CPU options).
+  if mesh is not None:
+    batch = jax.sharding.PartitionSpec(mesh_lib.DATA_AXIS)
+    # Per-image work without collectives; check_vma=False lets the ops' loops start from
+    # plain (unvarying) zeros.
+    propagate = jax.jit(jax.shard_map(propagate, mesh=mesh, in_specs=(batch,) * 3,
+                                      out_specs=batch, check_vma=False))
+  embed, state = mesh_lib.jit_over_batch(
+      lambda state, x: nnx.merge(graphdef, state)(x, train=False)[0], state, mesh)
+
+  def walk(state, x, cams, valid=None):
+    # Two jits, the embedding staying on the device: on one CPU device `propagate`
+    # compiles with its own (CPU) options.
+    embedding = embed(state, x)
+    return propagate(cams, embedding, valid), embedding
+
+  return walk, state
+
+
+def batch_inputs(images: list[np.ndarray], grids: list[np.ndarray], bucket: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Pads images of different sizes into one batch for `walker`.
+
+  Args:
+    images: [Hp_i, Wp_i, 3] normalised images, sizes multiples of 8.
+    grids: [Hp_i/8, Wp_i/8, L_i] walk inputs (`walk_input`).
+    bucket: the batch's height and width are rounded up to a multiple of this, so
+      many image sizes share a few compiled shapes.
+
+  Returns:
+    (x [B, H, W, 3], grid [B, H/8, W/8, L], valid [B, H/8, W/8] bool), zeros and
+    False beyond each image.
+  """
+  bh = -(-max(x.shape[0] for x in images) // bucket) * bucket
+  bw = -(-max(x.shape[1] for x in images) // bucket) * bucket
+  # L = max L_i rounded up to 8 channels: the walk pads its state to 8 lanes anyway, and
+  # batches with different class counts then share a compiled walk.
+  num_ch = -(-max(g.shape[-1] for g in grids) // random_walk.LANES) * random_walk.LANES
+  x = np.zeros((len(images), bh, bw, 3), np.float32)
+  grid = np.zeros((len(images), bh // STRIDE, bw // STRIDE, num_ch), np.float32)
+  valid = np.zeros(grid.shape[:3], bool)
+  for b, (image, g) in enumerate(zip(images, grids)):
+    x[b, :image.shape[0], :image.shape[1]] = image
+    grid[b, :g.shape[0], :g.shape[1], :g.shape[2]] = g
+    valid[b, :g.shape[0], :g.shape[1]] = True
+  return x, grid, valid

@@ -1,0 +1,213 @@
+"""The workdir's layout: every folder name lives here, each artefact behind one store.
+
+  workdir/
+    config.json                 the resolved config (written by `config_lib`)
+    tfds/                       prepared datasets (unless data.data_dir is set)
+    cam/ aff/ seg/              `checkpoints(kind)`: ckpt/ and metrics.jsonl of `loop.train`
+    cam_maps/<id>.npz           `cams`: merged multi-scale CAMs of the present classes
+    crf/<id>.npz                `crf`: low/high-alpha CRF marginals (`labels.store` format)
+    rw/<id>.png                 `rw`: random-walk pseudo labels, VOC palette
+    rw_crf/<id>.png             `rw_crf`: the same after a dense CRF
+    eval/                       `reports`: results.json, results.md, plots
+
+A per-image store is finished when its folder holds `DONE-<process index>`: each host
+writes its own share of the images and then its own marker.
+
+Imports only NumPy at the top (orbax when a checkpoint is read), so the input
+pipeline's worker processes, which unpickle the stores' `load`, stay light.
+"""
+
+import os
+from typing import Iterable
+
+import numpy as np
+
+from affinity_jax import io
+from affinity_jax.errors import UserError
+from affinity_jax.labels import store as crf_format
+
+CONFIG = "config.json"
+DATASETS = "tfds"
+CHECKPOINT = "ckpt"   # The sub-folder `training.loop` writes (it names it itself).
+KINDS = ("cam", "aff", "seg")
+
+
+class PerImage:
+  """A folder with one file `<id><suffix>` per image and a DONE marker per process."""
+  folder = ""
+  suffix = ""
+
+  def __init__(self, root: str, process_index: int = 0):
+    self.directory = os.path.join(root, self.folder)
+    self._marker = os.path.join(self.directory, f"DONE-{process_index}")
+
+  def path(self, image_id: str) -> str:
+    return os.path.join(self.directory, image_id + self.suffix)
+
+  def exists(self, image_id: str) -> bool:
+    return os.path.exists(self.path(image_id))
+
+  def all_exist(self, ids: Iterable[str]) -> bool:
+    return all(self.exists(i) for i in ids)
+
+  def finished(self) -> bool:
+    """Whether this process wrote all its files (see `mark_finished`)."""
+    return os.path.exists(self._marker)
+
+  def mark_finished(self) -> None:
+    """Records that every file of this process is written (a killed run has none)."""
+    io.write_text(self._marker, "")
+
+
+class CamStore(PerImage):
+  """`cam_maps/<id>.npz`: `cams` float16 [H, W, k], `keys` int32 [k] their label ids."""
+  folder = "cam_maps"
+  suffix = ".npz"
+
+  def save(self, image_id: str, cams: np.ndarray, keys: np.ndarray) -> None:
+    io.save_npz(self.path(image_id), cams=cams.astype(np.float16),
+                keys=np.asarray(keys, np.int32))
+
+  def load(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """-> (cams float32 [H, W, k], keys int32 [k])."""
+    path = self.path(image_id)
+    try:
+      with np.load(path) as f:
+        return f["cams"].astype(np.float32), f["keys"]
+    except (OSError, KeyError, ValueError) as e:
+      raise UserError(f"{path}: cannot read stored CAMs ({e}); delete it and rerun "
+                      "--mode=infer_cam") from None
+
+
+class CrfStore(PerImage):
+  """`crf/<id>.npz`: quantised CRF marginals, format in `affinity_jax.labels.store`."""
+  folder = "crf"
+  suffix = ".npz"
+
+  def save(self, image_id: str, la: np.ndarray, ha: np.ndarray, keys: np.ndarray) -> None:
+    crf_format.save(self.directory, image_id, la, ha, keys)
+
+  def load(self, image_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """-> (la float32 [H, W, L], ha float32 [H, W, L], keys int32 [L])."""
+    return crf_format.load(self.directory, image_id)
+
+
+class LabelStore(PerImage):
+  """`<folder>/<id>.png`: uint8 [H, W] label ids as a VOC-paletted PNG."""
+  suffix = ".png"
+
+  def __init__(self, root: str, folder: str, process_index: int = 0):
+    self.folder = folder
+    super().__init__(root, process_index)
+
+  def save(self, image_id: str, label: np.ndarray) -> None:
+    io.save_label_png(self.path(image_id), label)
+
+  def load(self, image_id: str) -> np.ndarray:
+    return io.read_label_png(self.path(image_id))
+
+
+class CheckpointStore:
+  """`<kind>/`: the training stage's folder (`loop.train` writes ckpt/ and the log)."""
+
+  def __init__(self, root: str, kind: str):
+    if kind not in KINDS:
+      raise ValueError(f"unknown network kind {kind!r}; one of {KINDS}")
+    self.kind = kind
+    self.directory = os.path.join(root, kind)
+    self.checkpoints = os.path.join(self.directory, CHECKPOINT)
+
+  def latest_step(self) -> int | None:
+    """The newest complete checkpoint's step (None when there is none)."""
+    if not os.path.isdir(self.checkpoints):
+      return None
+    from affinity_jax.training import checkpoint
+    ckpt = checkpoint.Checkpointer(self.checkpoints)
+    try:
+      return ckpt.latest_step()
+    finally:
+      ckpt.close()
+
+  def exists(self) -> bool:
+    return self.latest_step() is not None
+
+  def finished(self, steps: int) -> bool:
+    """Whether training reached `steps`."""
+    step = self.latest_step()
+    return step is not None and step >= steps
+
+  def load(self, model, steps: int, sharding=None):
+    """Restores the newest checkpoint's variables (no optimiser state) into `model`.
+
+    Args:
+      model: the network as built, updated in place.
+      steps: the stage's `train.steps`; an earlier checkpoint is refused.
+      sharding: where the restored arrays go (default: the first device).
+
+    Returns:
+      `model`.
+
+    Raises:
+      UserError: the training stage has not finished (or never started).
+    """
+    step = self.latest_step()
+    if step is None or step < steps:
+      raise UserError(f"{self.checkpoints}: training stage train_{self.kind} has not "
+                      f"finished (step {step or 0} of {steps}); run "
+                      f"--mode=train_{self.kind} first")
+    from affinity_jax.training import checkpoint
+    checkpoint.restore_model(model, self.checkpoints, step, sharding)
+    return model
+
+
+class ReportStore:
+  """`eval/`: what the eval stage writes (results.json is written last)."""
+  folder = "eval"
+  RESULTS = "results.json"
+  TABLE = "results.md"
+
+  def __init__(self, root: str):
+    self.directory = os.path.join(root, self.folder)
+
+  def path(self, name: str) -> str:
+    return os.path.join(self.directory, name)
+
+  def exists(self) -> bool:
+    return os.path.exists(self.path(self.RESULTS))
+
+  finished = exists
+
+  def markdown(self) -> str:
+    """The results table as Markdown."""
+    path = self.path(self.TABLE)
+    if not os.path.exists(path):
+      raise UserError(f"{path} does not exist; run the eval stage first")
+    with open(path) as f:
+      return f.read()
+
+
+class Workdir:
+  """One run's folder: a store per artefact (see the module docstring).
+
+  Args:
+    root: the workdir.
+    process_index: this host's index (`jax.process_index()`), for the DONE markers.
+  """
+
+  def __init__(self, root: str, process_index: int = 0):
+    self.root = root
+    self.config = os.path.join(root, CONFIG)
+    self.datasets = os.path.join(root, DATASETS)
+    self.cams = CamStore(root, process_index)
+    self.crf = CrfStore(root, process_index)
+    self.rw = LabelStore(root, "rw", process_index)
+    self.rw_crf = LabelStore(root, "rw_crf", process_index)
+    self.reports = ReportStore(root)
+
+  def checkpoints(self, kind: str) -> CheckpointStore:
+    """The training folder of network `kind` ("cam", "aff" or "seg")."""
+    return CheckpointStore(self.root, kind)
+
+  def pseudo_labels(self, dcrf: bool) -> LabelStore:
+    """The labels the segmentation net trains on: `rw_crf` with `rw.dcrf`, else `rw`."""
+    return self.rw_crf if dcrf else self.rw
