@@ -18,7 +18,6 @@ pipeline's worker processes, which unpickle the stores' `load`, stay light.
 """
 
 import os
-from typing import Iterable
 
 import numpy as np
 
@@ -46,9 +45,6 @@ class PerImage:
 
   def exists(self, image_id: str) -> bool:
     return os.path.exists(self.path(image_id))
-
-  def all_exist(self, ids: Iterable[str]) -> bool:
-    return all(self.exists(i) for i in ids)
 
   def finished(self) -> bool:
     """Whether this process wrote all its files (see `mark_finished`)."""

@@ -41,7 +41,7 @@ def test_per_image_stores_round_trip(tmp_path):
   got, keys = files.cams.load("x")
   np.testing.assert_allclose(got, cams, atol=1e-3)   # float16 on disk.
   np.testing.assert_array_equal(keys, [3, 9])
-  assert files.cams.all_exist(["x"]) and not files.cams.all_exist(["x", "y"])
+  assert files.cams.exists("x") and not files.cams.exists("y")
 
   la = rng.uniform(size=(5, 7, 3))
   files.crf.save("x", la, la, [0, 3, 9])
