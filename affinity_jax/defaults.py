@@ -77,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
       radius=5,
       border="full",             # "full": every pair inside the crop; "reference": psa's
       frozen=(),                 # as cam.frozen
+      # Backbone stages whose ends give the `low` and `mid` feature levels (Lite0 only;
+      # () keeps the backbone's default, Lite0's (3, 5)).
+      level_stages=(),
       train=_train(steps=10580, lr=0.1, momentum=0.9),
   ))
 
@@ -89,6 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
       border="full",             # "full": every pixel gets edges; "reference": psa's rule
       batch_size=4,              # images per device call, padded to the largest
       dcrf=True,                 # also write CAM+RW+dCRF labels (the paper's third row)
+      # Weight of the walk's -log scores against the dCRF's pairwise terms (the label
+      # stage's CRF uses 1).
+      dcrf_unary_weight=1.0,
   ))
 
   # Stage 5: segmentation network on the pseudo masks.

@@ -33,13 +33,16 @@ def _densecrf():
 
 def dense_crf(image: np.ndarray, probs: np.ndarray, *, iterations: int = 10,
               gauss_sxy: float = 3, gauss_compat: float = 3, bi_sxy: float = 80,
-              bi_srgb: float = 13, bi_compat: float = 10) -> np.ndarray:
+              bi_srgb: float = 13, bi_compat: float = 10, unary_weight: float = 1.0
+              ) -> np.ndarray:
   """Mean-field dense CRF.
 
   Args:
     image: uint8 [H, W, 3] RGB at the resolution of `probs`.
     probs: float [H, W, L] scores in [0, 1] (not required to sum to 1).
     iterations: mean-field steps.
+    unary_weight: multiplies the unary -log(probs): how much the scores are trusted
+      against the pairwise terms.
 
   Returns:
     float32 [H, W, L] marginals (sum to 1 over L).
@@ -48,7 +51,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, *, iterations: int = 10,
   h, w, n = probs.shape
   if image.shape != (h, w, 3):
     raise ValueError(f"image {image.shape} does not match probs {probs.shape}")
-  unary = -np.log(np.clip(probs, 1e-5, 1.0)).astype(np.float32)
+  unary = (-unary_weight * np.log(np.clip(probs, 1e-5, 1.0))).astype(np.float32)
   unary = np.ascontiguousarray(unary.reshape(h * w, n).T)
   d = dcrf.DenseCRF2D(w, h, n)
   d.setUnaryEnergy(unary)
@@ -98,19 +101,21 @@ def _work(job):
   return image_id
 
 
-def label_png(job) -> str:
+def label_png(job, unary_weight: float = 1.0) -> str:
   """Worker body of the walk's dense CRF (CAM+RW+dCRF): refine scores, write the labels.
 
   Args:
     job: (path, image uint8 [H, W, 3], scores float [H, W, L] the walk's output at the
       image size, keys int [L] the label id of each channel).
+    unary_weight: `dense_crf`'s, `config.rw.dcrf_unary_weight`.
 
   Returns:
     The path written (a VOC-paletted PNG of keys[argmax of the CRF marginals]).
   """
   path, image, scores, keys = job
   probs = np.maximum(scores, 0) / np.maximum(scores.sum(-1, keepdims=True), 1e-5)
-  io.save_label_png(path, np.asarray(keys)[np.argmax(dense_crf(image, probs), -1)])
+  q = dense_crf(image, probs, unary_weight=unary_weight)
+  io.save_label_png(path, np.asarray(keys)[np.argmax(q, -1)])
   return path
 
 

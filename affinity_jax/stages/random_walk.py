@@ -155,7 +155,8 @@ def infer(ctx: common.Context) -> None:
   with tqdm(total=len(todo), desc="infer_rw", disable=None) as bar:
     if c.rw.dcrf:
       # The CRF runs in the CRF worker processes while the next batches walk.
-      crf.map_jobs(crf.label_png, walked(), c.crf.num_workers, lambda _: bar.update(1))
+      work = functools.partial(crf.label_png, unary_weight=c.rw.dcrf_unary_weight)
+      crf.map_jobs(work, walked(), c.crf.num_workers, lambda _: bar.update(1))
     else:
       for _ in walked():
         bar.update(1)
