@@ -1,12 +1,17 @@
 """Config loading, overrides and their errors, the workdir guard, the main wrapper."""
 
 import json
+import os
+import subprocess
+import sys
 import textwrap
 
 import pytest
 
 from affinity_jax import config_lib
 from affinity_jax.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIG = textwrap.dedent('''
     import ml_collections
@@ -97,3 +102,18 @@ def test_run_main(capsys):
     config_lib.run_main(main, ["thing"])
   assert e.value.code == 2
   assert capsys.readouterr().err == "error: bad thing\n"
+
+
+def test_every_config_variant_loads_without_jax():
+  """Loading a config (and so checking a workdir) imports no jax, flax or orbax."""
+  script = textwrap.dedent("""
+      import glob, runpy, sys
+      from affinity_jax import config_lib
+      for path in sorted(glob.glob("configs/*.py")):
+        for variant in [""] + list(runpy.run_path(path).get("VARIANTS", {})):
+          config_lib.load_config(f"{path}:{variant}" if variant else path)
+      heavy = sorted({m.split(".")[0] for m in sys.modules} & {"jax", "flax", "orbax"})
+      assert not heavy, heavy
+  """)
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, check=True)
