@@ -64,6 +64,50 @@ def test_unknown_keys_and_bad_values(config_file):
     config_lib.load_config("configs/nope.py")
 
 
+
+def test_variants_and_their_errors(tmp_path):
+  path = tmp_path / "exp.py"
+  path.write_text(textwrap.dedent('''
+      import ml_collections
+      from affinity_jax import config_lib
+
+      def get_config(arg=None):
+        c = ml_collections.ConfigDict(dict(steps=100, crop=448))
+        return config_lib.apply_variant(c, arg, VARIANTS)
+
+      def tiny(c):
+        c.steps = 2
+
+      VARIANTS = {"tiny": tiny, "small": lambda c: c.update(crop=64)}
+  '''))
+  assert config_lib.load_config(f"{path}:tiny").steps == 2
+  assert config_lib.load_config(f"{path}:small").crop == 64
+  assert config_lib.load_config(str(path)).steps == 100
+  with pytest.raises(UserError, match=rf"^{path}: unknown variant 'tinny'; did you mean "
+                     r":tiny\? \(variants: :tiny, :small or none\)$"):
+    config_lib.load_config(f"{path}:tinny")
+  with pytest.raises(UserError, match=r"unknown variant 'large' \(variants"):
+    config_lib.load_config(f"{path}:large")
+  with pytest.raises(UserError, match=r"unknown variant 'x'"):
+    config_lib.load_config("configs/voc12_lite0.py:x")
+
+
+@pytest.mark.parametrize("body,where,what", [
+    ("import os\n\ndef get_config(arg=None)\n  return 1\n", 3, "SyntaxError: expected ':'"),
+    ("import ml_collections\n\ndef get_config(arg=None):\n  c = ml_collections.ConfigDict()\n"
+     "  c.lock()\n  c.crop = 8\n  return c\n", 6, "AttributeError: "),
+    ("X = 1 / 0\n", 1, "ZeroDivisionError: division by zero"),
+    ("def get_config():\n  raise KeyError('steps')\n", 2, "KeyError: 'steps'"),
+])
+def test_errors_in_a_config_file_name_the_file_and_line(tmp_path, body, where, what):
+  path = tmp_path / "broken.py"
+  path.write_text(body)
+  with pytest.raises(UserError) as e:
+    config_lib.load_config(str(path))
+  message = str(e.value)
+  assert message.startswith(f"{path}:{where}: {what}") and "\n" not in message, message
+
+
 def test_command_line(config_file, tmp_path):
   cl = config_lib.parse_command_line(
       [f"--config={config_file}:tiny", "--workdir", str(tmp_path / "w"),
