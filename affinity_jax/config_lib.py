@@ -13,8 +13,9 @@ Overrides may only set keys the config already has, with a value of the key's ty
 locked, so code cannot add keys by mistake either.
 
 A workdir belongs to one experiment: the first run writes `<workdir>/config.json`;
-later runs must agree with it on every key except the few that do not change what
-has been computed (`FREE_LEAVES`, `FREE_GROUPS`).
+later runs must agree with it on every key except the few that change neither what
+has been computed nor how an interrupted stage resumes (`FREE_LEAVES`, `FREE_KEYS`,
+`FREE_GROUPS`).
 """
 
 import ast
@@ -33,12 +34,19 @@ import ml_collections
 from affinity_jax import io
 from affinity_jax.errors import UserError
 
-# Keys (by last name) that may change between runs in one workdir: run length (to extend
-# training), logging, checkpoint frequency and retention, host-side parallelism.
-FREE_LEAVES = frozenset({"steps", "epochs", "log_every", "ckpt_every", "keep", "progress",
-                         "num_workers", "prefetch"})
+# What may change between runs in one workdir: keys that change neither what has been
+# computed nor how an interrupted stage resumes. By last name: run length (to extend
+# training), logging, checkpoint frequency and retention.
+FREE_LEAVES = frozenset({"steps", "log_every", "ckpt_every", "keep", "progress"})
+# By full name: the CRF's worker processes (each image's labels do not depend on them).
+FREE_KEYS = frozenset({"crf.num_workers"})
 # Groups whose every key may change: how processes find each other.
 FREE_GROUPS = ("distributed",)
+# Fixed keys whose reason the refusal states, since nothing computed shows it.
+WHY_FIXED = {
+    "data.num_workers": "a training stage resumes its input stream only with the worker "
+                        "count it was saved with (data/pipeline.py)",
+}
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -217,7 +225,8 @@ def _jsonable(config: ml_collections.ConfigDict) -> dict:
 
 
 def _free(key: str) -> bool:
-  return key.rsplit(".", 1)[-1] in FREE_LEAVES or key.split(".", 1)[0] in FREE_GROUPS
+  return (key in FREE_KEYS or key.rsplit(".", 1)[-1] in FREE_LEAVES
+          or key.split(".", 1)[0] in FREE_GROUPS)
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str, config_name: str) -> None:
@@ -245,9 +254,10 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, config_name: 
                        if old.get(k, "<missing>") != new.get(k, "<missing>") and not _free(k))
     if differing:
       key = differing[0]
+      why = f": {WHY_FIXED[key]}" if key in WHY_FIXED else ""
       raise UserError(
           f"workdir {workdir} was written by config {saved_name} ({key}: "
-          f"{old.get(key, '<missing>')!r} there, {new.get(key, '<missing>')!r} now); "
+          f"{old.get(key, '<missing>')!r} there, {new.get(key, '<missing>')!r} now{why}); "
           "use another --workdir")
     if saved == record:
       return

@@ -9,6 +9,7 @@ import textwrap
 import pytest
 
 from affinity_jax import config_lib
+from affinity_jax import defaults
 from affinity_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,6 +138,29 @@ def test_workdir_guard(config_file, tmp_path):
   with pytest.raises(UserError, match=rf"workdir {workdir} was written by config exp "
                      r"\(train\.lr: 0\.01 there, 0\.1 now\); use another --workdir"):
     config_lib.check_workdir(other, workdir, "exp2")
+
+
+
+def test_worker_counts_within_a_workdir(tmp_path):
+  """CRF workers may change; grain workers may not: a resumed stream needs the same count."""
+  workdir = str(tmp_path / "w")
+  tiny = "configs/scenes.py:tiny"
+  config_lib.check_workdir(config_lib.load_config(tiny), workdir, tiny)
+  config_lib.check_workdir(config_lib.load_config(tiny, {"crf.num_workers": "3"}), workdir, tiny)
+  with pytest.raises(UserError, match=r"\(data\.num_workers: 0 there, 2 now: a training stage "
+                     r"resumes its input stream only with the worker count it was saved with "
+                     r"\(data/pipeline\.py\)\); use another --workdir$"):
+    config_lib.check_workdir(config_lib.load_config(tiny, {"data.num_workers": "2"}), workdir,
+                             tiny)
+
+
+def test_within_workdir_rules_name_real_keys():
+  keys = config_lib.flatten(defaults.base_config())
+  leaves = {key.rsplit(".", 1)[-1] for key in keys}
+  assert config_lib.FREE_LEAVES <= leaves
+  assert config_lib.FREE_KEYS <= set(keys) and set(config_lib.WHY_FIXED) <= set(keys)
+  assert not any(config_lib._free(key) for key in config_lib.WHY_FIXED)
+  assert all(any(k.startswith(group + ".") for k in keys) for group in config_lib.FREE_GROUPS)
 
 
 def test_run_main(capsys):
