@@ -33,7 +33,6 @@ from affinity_jax.ops import affinity as aff_ops
 from affinity_jax.ops import cam as cam_ops
 from affinity_jax.stages import cam as cam_stage
 from affinity_jax.stages import common
-from affinity_jax.stages import evaluate
 from affinity_jax.stages import pipeline
 from affinity_jax.stages import random_walk
 from affinity_jax.stages import segmentation
@@ -228,7 +227,7 @@ def explain(ctx: common.Context, image_id: str) -> Panels:
 
 def class_names(ctx: common.Context, keys: Sequence[int]) -> str:
   """The names of label ids `keys` as the reports write them ("class 1" for the scenes)."""
-  names = evaluate.class_names(ctx.config.data.name)
+  names = constants.label_names(ctx.config.data.name)
   return ", ".join(names[int(k)] for k in keys) or "no class"
 
 

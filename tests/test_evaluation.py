@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from affinity_jax import constants
 from affinity_jax.evaluation import confusion, plots, report
 from affinity_jax.ops import metrics
 
@@ -100,7 +101,7 @@ def _rows(n=3):
 def test_plots_written_with_expected_size(tmp_path):
   cm = confusion.accumulate(_split(1))
   cpath = str(tmp_path / "confusion_CAM.png")
-  plots.confusion_plot(cpath, cm, report.LABEL_NAMES, size_in=6, dpi=80)
+  plots.confusion_plot(cpath, cm, constants.LABEL_NAMES, size_in=6, dpi=80)
   assert Image.open(cpath).size == (480, 480)
   gpath = str(tmp_path / "overlays.png")
   rows = list(_rows(3))
@@ -127,3 +128,12 @@ def test_png_pairs_read_palette_pngs_lazily(tmp_path):
   assert cm[15, 15] == 1 and cm[3, 3] == 2 and cm[3, 0] == 1 and cm.sum() == 5
   with pytest.raises(UserError, match="c.png"):
     confusion.accumulate(confusion.png_pairs(["c"], str(tmp_path), gts.__getitem__))
+
+
+def test_one_table_of_label_names():
+  assert len(constants.LABEL_NAMES) == constants.NUM_LABELS
+  assert constants.label_names("voc12") == constants.LABEL_NAMES
+  assert constants.LABEL_NAMES[1] == "aeroplane" and constants.LABEL_NAMES[20] == "tvmonitor"
+  scenes = constants.label_names("scenes")
+  assert scenes[0] == "background" and scenes[1:3] == ("class 1", "class 2")
+  assert len(scenes) == constants.NUM_LABELS

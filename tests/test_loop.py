@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from affinity_jax import defaults
 from affinity_jax.training import loop, optim
 from affinity_jax.training import mesh as mesh_lib
 
@@ -68,7 +69,7 @@ class ToyBatches:
 
 
 def toy_config(**kw):
-  config = loop.default_config()
+  config = defaults.train_config()
   config.update(dict(steps=6, lr=0.05, ckpt_every=100, log_every=1, progress=False,
                      momentum=0.9))
   config.update(kw)

@@ -12,11 +12,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from affinity_jax import io
-from affinity_jax.constants import VOC_CLASSES
+from affinity_jax.constants import LABEL_NAMES
 from affinity_jax.evaluation import label_quality
 from affinity_jax.ops import metrics
-
-LABEL_NAMES = ("background",) + VOC_CLASSES
 
 
 def summarize(cms: Mapping[str, np.ndarray], names: Sequence[str] = LABEL_NAMES) -> dict:

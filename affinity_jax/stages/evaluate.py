@@ -23,12 +23,6 @@ from affinity_jax.ops import neighbors
 from affinity_jax.stages import common
 from affinity_jax.stages import segmentation
 
-def class_names(dataset: str) -> tuple[str, ...]:
-  """Row names of the reports: VOC's classes, or numbered classes for the scenes."""
-  if dataset == "scenes":
-    return ("background",) + tuple(f"class {i}" for i in range(1, constants.NUM_LABELS))
-  return ("background",) + constants.VOC_CLASSES
-
 
 def done(ctx: common.Context) -> bool:
   return os.path.exists(ctx.path("eval", "results.json"))
@@ -78,7 +72,7 @@ def run(ctx: common.Context) -> dict:
     methods[f"seg ({c.data.seg_eval_split})"] = (
         (predict(e["image"]), e["mask"]) for e in _examples(ctx, c.data.seg_eval_split))
   cms.update(confusion.evaluate(methods, progress=True))
-  names = class_names(c.data.name)
+  names = constants.label_names(c.data.name)
   out = ctx.path("eval")
   for name, cm in cms.items():
     if name.startswith("CAM (best"):

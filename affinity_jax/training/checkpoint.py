@@ -2,8 +2,10 @@
 
 A checkpoint step folder holds two items:
   - `state`: a pytree of arrays (model parameters and other variables as pure dicts,
-    optimiser state, step, base rng key data), written with `StandardSave`;
+    optimiser state, step), written with `StandardSave`;
   - `data`: the input iterator's `get_state()` dict, written with `JsonSave`.
+No rng key is saved: the training loop rebuilds its base key from the config's `seed`
+(fixed within a workdir) and folds in the step, so a resumed run draws the same keys.
 Orbax writes each step to a temporary folder and renames it when complete, so a killed
 run leaves either the previous checkpoints or the new one, never a half-written one.
 """

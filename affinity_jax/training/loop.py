@@ -18,7 +18,6 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -40,24 +39,6 @@ class BatchIterator(Protocol):
   def __next__(self) -> Mapping[str, jax.Array]: ...
   def get_state(self) -> dict: ...
   def set_state(self, state: dict) -> None: ...
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """Every key `train` reads, with neutral values; experiment configs override them."""
-  return ml_collections.ConfigDict(dict(
-      steps=1000,           # number of optimiser steps (the poly schedule's max_step)
-      lr=0.01,              # base learning rate (pretrained weights)
-      schedule="poly",      # "poly": lr * (1 - step/steps) ** poly_power, or "constant"
-      poly_power=0.9,
-      optimizer="sgd",      # "sgd" (the spec) or "adam" (quick CPU demos)
-      momentum=0.9,         # the reference effectively uses 5e-4; see docs/training.md
-      weight_decay=5e-4,    # L2 on weights only, added to the gradient
-      log_every=10,         # progress bar refresh (metrics.jsonl gets every step)
-      ckpt_every=500,       # checkpoint period in steps; the last step is always saved
-      keep=2,               # checkpoints kept
-      seed=0,               # base key of the per-step dropout keys
-      progress=True,        # progress bar (also off when stderr is not a terminal)
-  ))
 
 
 def _pure(state: nnx.State) -> dict:
@@ -190,7 +171,7 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: An
       and a dict of scalar arrays; `rng` is a fresh key per step (for dropout).
     batches: iterator of dicts of global `jax.Array`s `[B, ...]` split on `data`, with
       `get_state()`/`set_state()` (JSON-serialisable position).
-    config: keys of `default_config()`.
+    config: keys of `defaults.train_config()`.
     workdir: the stage's folder; gets `ckpt/` and `metrics.jsonl`.
     frozen_prefixes: parameter paths that receive no updates.
     mesh: the mesh of the batches (default: all devices).
