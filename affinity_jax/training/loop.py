@@ -12,7 +12,6 @@ and the train state is donated so its buffers are reused in place.
 import json
 import math
 import os
-import sys
 import time
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -22,10 +21,10 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from tqdm import tqdm
 
 from affinity_jax import io
 from affinity_jax.errors import UserError
+from affinity_jax.progress import Progress
 from affinity_jax.training import mesh as mesh_lib
 from affinity_jax.training import optim
 from affinity_jax.training.checkpoint import Checkpointer
@@ -52,11 +51,11 @@ def default_config() -> ml_collections.ConfigDict:
       optimizer="sgd",      # "sgd" (the spec) or "adam" (quick CPU demos)
       momentum=0.9,         # the reference effectively uses 5e-4; see docs/training.md
       weight_decay=5e-4,    # L2 on weights only, added to the gradient
-      log_every=10,         # progress bar refresh (metrics.jsonl gets every step)
+      log_every=10,         # period of the loss/lr/images-per-s shown in the progress display
       ckpt_every=500,       # checkpoint period in steps; the last step is always saved
       keep=2,               # checkpoints kept
       seed=0,               # base key of the per-step dropout keys
-      progress=True,        # progress bar (also off when stderr is not a terminal)
+      progress=True,        # progress display: a bar on a terminal, else timed lines
   ))
 
 
@@ -226,9 +225,9 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: An
   rng = jax.device_put(jax.random.key(int(config.seed)), replicated)
   step_fn = make_train_step(graphdef, tx, loss_fn, schedule, nnx.to_pure_dict(rng_state), mesh,
                             frozen_prefixes)
-  show = bool(config.get("progress", True)) and sys.stderr.isatty() and is_main
-  bar = tqdm(total=steps, initial=start, disable=not show, dynamic_ncols=True,
-             desc=os.path.basename(os.path.normpath(workdir)) or "train")
+  show = bool(config.get("progress", True)) and is_main
+  bar = Progress(total=steps, initial=start, disable=not show, unit="step", dynamic_ncols=True,
+                 desc=os.path.basename(os.path.normpath(workdir)) or "train")
   log_every = max(int(config.log_every), 1)
   last_t = time.perf_counter()
 
@@ -246,10 +245,10 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: An
     f.write(json.dumps({"step": step, **values}) + "\n")
     f.flush()
     logged = step
-    bar.update(1)
     if step % log_every == 0 or step == steps:
       bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
                       img_s=f"{values['images_per_s']:.1f}")
+    bar.update(1)
 
   step, saved = start, start
   pending = None  # (step, metrics, batch size): fetched after the next step is queued.
