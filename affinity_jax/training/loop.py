@@ -252,17 +252,9 @@ class _MetricsLog:
 
 def _truncate_log(path: str, step: int) -> None:
   """Drops the lines of `path` after `step` (and lines cut by a kill)."""
-  if not os.path.exists(path):
-    return
-  keep = []
-  with open(path) as f:
-    for line in f:
-      try:
-        if line.strip() and json.loads(line)["step"] <= step:
-          keep.append(line)
-      except (ValueError, KeyError):  # A line cut by a kill.
-        pass
-  io.write_text(path, "".join(keep))
+  if os.path.exists(path):
+    rows = [r for r in io.read_jsonl(path) if r.get("step", step + 1) <= step]
+    io.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _save_on_interrupt(ckpt: Checkpointer, step: int, state: dict, batches: BatchIterator,
