@@ -163,7 +163,8 @@ class Progress:
     count = f"{self.n}"
     if self.total:
       count += f"/{self.total} ({100 * self.n / self.total:.0f}%)"
-    parts = [f"{count}", f"{rate:.3g} {self.unit}/s"]
+    speed = f"{rate:.0f}" if rate >= 100 else f"{rate:.3g}"  # No exponents.
+    parts = [count, f"{speed} {self.unit}/s"]
     parts += [f"{k}={v}" for k, v in self.postfix.items()]
     parts.append(f"elapsed {format_seconds(elapsed)}")
     if self.total and rate > 0 and self.n < self.total:

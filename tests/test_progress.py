@@ -152,6 +152,14 @@ def test_evaluation_loop_reports_without_a_terminal(capsys):
   assert capsys.readouterr().err.splitlines()[-1].startswith("CAM: 3, ")
 
 
+def test_fast_rates_without_exponents(clock):
+  out = io.StringIO()
+  with progress.Progress(total=5000, desc="CAM+RW", unit="img", every_s=1, file=out) as bar:
+    clock.t += 1.5
+    bar.update(2040)
+  assert ", 1360 img/s," in out.getvalue().splitlines()[1]
+
+
 def test_format_seconds():
   assert progress.format_seconds(0) == "0:00"
   assert progress.format_seconds(74.4) == "1:14"
