@@ -19,11 +19,11 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       optimizer="sgd",      # "sgd" (the spec) or "adam" (quick CPU demos)
       momentum=0.9,         # the reference effectively uses 5e-4; see docs/training.md
       weight_decay=5e-4,    # L2 on weights only, added to the gradient
-      log_every=10,         # progress bar refresh (metrics.jsonl gets every step)
+      log_every=10,         # period of the loss/lr/images-per-s in the progress display
       ckpt_every=500,       # checkpoint period in steps; the last step is always saved
       keep=2,               # checkpoints kept
       seed=0,               # base key of the per-step dropout keys
-      progress=True,        # progress bar (also off when stderr is not a terminal)
+      progress=True,        # progress display: a bar on a terminal, else timed lines
   ))
   config.update(overrides)
   return config

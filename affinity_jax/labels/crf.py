@@ -6,8 +6,9 @@ srgb=13 compat=10, 10 mean-field iterations, on the full-resolution RGB image.
 Marginals are returned channels-last, [H, W, L] float32, like the store and the rest of
 the package (NHWC).
 
-This module imports only NumPy (and pydensecrf when a CRF runs) so the worker processes,
-started with 'spawn' (forking a process that has initialised JAX is unsafe), stay light.
+This module imports only NumPy (and pydensecrf when a CRF runs; `progress` needs only
+the standard library) so the worker processes, started with 'spawn' (forking a process
+that has initialised JAX is unsafe), stay light.
 """
 
 import collections
@@ -19,6 +20,7 @@ import numpy as np
 from affinity_jax import io
 from affinity_jax.errors import UserError
 from affinity_jax.labels import store
+from affinity_jax.progress import Progress
 
 INSTALL_HINT = "pydensecrf is not importable; install it with `pip install pydensecrf2`"
 
@@ -125,7 +127,8 @@ def map_jobs(work: Callable, jobs: Iterable, workers: int,
 
   `jobs` is consumed as results come back, at most 2 * workers in flight, so a producer
   (a loader, the random walk) runs alongside the workers and memory stays bounded.
-  `done(result)` is called in the order of `jobs`. A worker's exception is raised here.
+  `done(result)` is called in the order of `jobs` (e.g. a `progress.Progress`'s update).
+  A worker's exception is raised here.
 
   Args:
     work: a module-level function of this module (workers import only this module).
@@ -170,14 +173,13 @@ def run_pool(ids: Iterable[str], load: Callable[[str], tuple], out_dir: str, *,
     load: id -> (image uint8 [H, W, 3], cams float [H, W, k], keys int [k]).
     out_dir: store folder.
     workers: process count; <= 1 runs in this process.
+    progress: show a `progress.Progress` display (a bar or timed lines).
 
   Returns:
     The number of images processed now (skipped ones not counted).
   """
-  from tqdm import tqdm
-
   _densecrf()  # Fail early with the install hint, not inside a worker.
   todo = [i for i in ids if not store.exists(out_dir, i)]
   jobs = ((out_dir, i, *load(i), la_alpha, ha_alpha) for i in todo)
-  with tqdm(total=len(todo), desc="dense CRF", unit="img", disable=not progress) as bar:
+  with Progress(total=len(todo), desc="dense CRF", unit="img", disable=not progress) as bar:
     return map_jobs(_work, jobs, workers, lambda _: bar.update(1))

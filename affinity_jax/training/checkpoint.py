@@ -142,3 +142,11 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    """Waits for asynchronous writes, then closes."""
+    self.wait()
+    self.close()
