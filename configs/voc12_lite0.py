@@ -59,7 +59,8 @@ def cpu(c):
   the backbone stays at its ImageNet weights in both trained networks (only the
   classifier and AffinityNet's feature layers train); background powers scaled to
   Lite0's flatter CAMs; a sharper walk (beta 32) for affinities that stay well above
-  zero across boundaries; fewer steps, smaller crops and two inference scales for time.
+  zero across boundaries; the walk's scores weighted 4x against the post-walk dCRF's
+  pairwise terms; fewer steps, smaller crops and two inference scales for time.
   """
   c.data.manual_dir = "../shared/voc_dev"
   c.data.train_split = c.data.label_split = c.data.eval_split = "train"
@@ -74,6 +75,7 @@ def cpu(c):
   c.aff.train.update(steps=600, lr=0.01, log_every=25, ckpt_every=100)
   c.crf.la_alpha, c.crf.ha_alpha = 1.0, 8.0
   c.rw.alpha, c.rw.beta = 4.0, 32.0
+  c.rw.dcrf_unary_weight = 4.0
   c.seg.enabled = False
 
 
