@@ -1,7 +1,9 @@
 """Configs: loading `configs/NAME.py[:arg]`, command-line overrides, the workdir guard.
 
 A config file is a Python module with `get_config(arg)` returning an
-`ml_collections.ConfigDict`. The command line is
+`ml_collections.ConfigDict`; its variants (`:arg`) go through `apply_variant`. Any
+error while it runs becomes a one-line `UserError` naming the file and line. The
+command line is
 
   python -m affinity_jax.main --config=configs/NAME.py[:arg] --workdir=DIR [--mode=M]
       [--config.a.b=VALUE ...]
@@ -11,8 +13,9 @@ Overrides may only set keys the config already has, with a value of the key's ty
 locked, so code cannot add keys by mistake either.
 
 A workdir belongs to one experiment: the first run writes `<workdir>/config.json`;
-later runs must agree with it on every key except the few that do not change what
-has been computed (`FREE_LEAVES`, `FREE_GROUPS`).
+later runs must agree with it on every key except the few that change neither what
+has been computed nor how an interrupted stage resumes (`FREE_LEAVES`, `FREE_KEYS`,
+`FREE_GROUPS`).
 """
 
 import ast
@@ -23,6 +26,7 @@ import inspect
 import json
 import os
 import sys
+import traceback
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import ml_collections
@@ -30,12 +34,19 @@ import ml_collections
 from affinity_jax import io
 from affinity_jax.errors import UserError
 
-# Keys (by last name) that may change between runs in one workdir: run length (to extend
-# training), logging, checkpoint frequency and retention, host-side parallelism.
-FREE_LEAVES = frozenset({"steps", "epochs", "log_every", "ckpt_every", "keep", "progress",
-                         "num_workers", "prefetch"})
+# What may change between runs in one workdir: keys that change neither what has been
+# computed nor how an interrupted stage resumes. By last name: run length (to extend
+# training), logging, checkpoint frequency and retention.
+FREE_LEAVES = frozenset({"steps", "log_every", "ckpt_every", "keep", "progress"})
+# By full name: the CRF's worker processes (each image's labels do not depend on them).
+FREE_KEYS = frozenset({"crf.num_workers"})
 # Groups whose every key may change: how processes find each other.
 FREE_GROUPS = ("distributed",)
+# Fixed keys whose reason the refusal states, since nothing computed shows it.
+WHY_FIXED = {
+    "data.num_workers": "a training stage resumes its input stream only with the worker "
+                        "count it was saved with (data/pipeline.py)",
+}
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,6 +70,27 @@ def _module_path(path: str) -> str:
   raise UserError(f"config file {path} does not exist")
 
 
+def _config_error(path: str, error: Exception) -> UserError:
+  """`error`, raised while running the config file at `path`, as one line naming its line.
+
+  The line is where the config file's own code was when the error arose (the innermost
+  frame in that file), or the syntax error's line.
+  """
+  if isinstance(error, UserError):
+    return UserError(f"{path}: {error}")
+  if isinstance(error, SyntaxError):  # Perhaps in a module the config file imports.
+    other = error.filename and os.path.abspath(error.filename) != os.path.abspath(path)
+    return UserError(f"{error.filename if other else path}:{error.lineno}: "
+                     f"{type(error).__name__}: {error.msg}")
+  lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+           if os.path.abspath(frame.filename) == os.path.abspath(path)]
+  where = f"{path}:{lines[-1]}" if lines else path
+  what = type(error).__name__
+  if str(error):
+    what += f": {str(error).splitlines()[0]}"
+  return UserError(f"{where}: {what}")
+
+
 def load_config(spec: str, overrides: Mapping[str, str] | Iterable[tuple[str, str]] = ()
                 ) -> ml_collections.ConfigDict:
   """Builds the config named by `spec` and applies `overrides`; the result is locked.
@@ -67,24 +99,55 @@ def load_config(spec: str, overrides: Mapping[str, str] | Iterable[tuple[str, st
     spec: `path/to/NAME.py` or `path/to/NAME.py:arg` (relative paths are tried from the
       current folder, then from the repository root).
     overrides: dotted key -> value as typed on the command line.
+
+  Raises:
+    UserError: a bad spec or override, or any error while running the config file
+      (a syntax error, an exception in `get_config`), named by file and line.
   """
   path, _, arg = spec.partition(":")
   path = _module_path(path)
   module_spec = importlib.util.spec_from_file_location(
       "affinity_config_" + os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # The config file is user code: where it failed, in one line.
+    raise _config_error(path, e) from None
   if not hasattr(module, "get_config"):
     raise UserError(f"config file {path} has no get_config(arg) function")
   takes_arg = bool(inspect.signature(module.get_config).parameters)
   if arg and not takes_arg:
     raise UserError(f"config file {path} takes no argument but got {arg!r}")
-  config = module.get_config(arg or None) if takes_arg else module.get_config()
+  try:
+    config = module.get_config(arg or None) if takes_arg else module.get_config()
+  except Exception as e:
+    raise _config_error(path, e) from None
   if not isinstance(config, ml_collections.ConfigDict):
     raise UserError(f"get_config in {path} must return an ml_collections.ConfigDict")
   config = ml_collections.ConfigDict(config)  # Own copy, unlocked.
   apply_overrides(config, overrides)
   config.lock()
+  return config
+
+
+def apply_variant(config: ml_collections.ConfigDict, arg: str | None,
+                  variants: Mapping[str, Callable[[ml_collections.ConfigDict], Any]]
+                  ) -> ml_collections.ConfigDict:
+  """Applies the variant named `arg` (`configs/NAME.py:arg`) to `config`, returns it.
+
+  For config files: `return config_lib.apply_variant(c, arg, VARIANTS)` at the end of
+  `get_config(arg)`, with `VARIANTS = {name: function changing the config in place}`.
+  None or "" is the config itself.
+
+  Raises:
+    UserError: `arg` names no variant (with the closest names and the valid ones).
+  """
+  if arg:
+    if arg not in variants:
+      valid = ", ".join(f":{name}" for name in variants)
+      raise UserError(f"unknown variant {arg!r}{_did_you_mean(arg, variants, ':')} "
+                      f"(variants: {valid} or none)")
+    variants[arg](config)
   return config
 
 
@@ -123,10 +186,14 @@ def _parse_value(key: str, text: str, current: Any) -> Any:
   return value
 
 
+def _did_you_mean(word: str, known: Iterable[str], prefix: str = "") -> str:
+  """A "did you mean" clause with the names in `known` closest to `word` ("" if none)."""
+  close = difflib.get_close_matches(word, list(known), n=3, cutoff=0.6)
+  return f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+
+
 def _unknown(key: str, known: Iterable[str]) -> UserError:
-  close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
-  hint = f"; did you mean {', '.join(close)}?" if close else ""
-  return UserError(f"unknown config key {key}{hint}")
+  return UserError(f"unknown config key {key}{_did_you_mean(key, known)}")
 
 
 def apply_overrides(config: ml_collections.ConfigDict,
@@ -158,7 +225,8 @@ def _jsonable(config: ml_collections.ConfigDict) -> dict:
 
 
 def _free(key: str) -> bool:
-  return key.rsplit(".", 1)[-1] in FREE_LEAVES or key.split(".", 1)[0] in FREE_GROUPS
+  return (key in FREE_KEYS or key.rsplit(".", 1)[-1] in FREE_LEAVES
+          or key.split(".", 1)[0] in FREE_GROUPS)
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str, config_name: str) -> None:
@@ -186,9 +254,10 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, config_name: 
                        if old.get(k, "<missing>") != new.get(k, "<missing>") and not _free(k))
     if differing:
       key = differing[0]
+      why = f": {WHY_FIXED[key]}" if key in WHY_FIXED else ""
       raise UserError(
           f"workdir {workdir} was written by config {saved_name} ({key}: "
-          f"{old.get(key, '<missing>')!r} there, {new.get(key, '<missing>')!r} now); "
+          f"{old.get(key, '<missing>')!r} there, {new.get(key, '<missing>')!r} now{why}); "
           "use another --workdir")
     if saved == record:
       return

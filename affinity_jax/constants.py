@@ -1,4 +1,4 @@
-"""PASCAL VOC 2012 label conventions shared by every stage.
+"""PASCAL VOC 2012 label conventions shared by every stage; the one table of class names.
 
 Label ids: 0 = background, 1..20 = the object classes below, 255 = ignore.
 Classifier outputs and CAM channels are indexed 0..19 and map to label ids 1..20.
@@ -14,6 +14,14 @@ VOC_CLASSES = (
 NUM_CLASSES = 20          # Object classes (classifier outputs).
 NUM_LABELS = 21           # Background + object classes (segmentation labels).
 IGNORE = 255
+LABEL_NAMES = ("background",) + VOC_CLASSES   # Indexed by label id.
+
+
+def label_names(dataset: str) -> tuple[str, ...]:
+  """The name of each label id 0..20 in `dataset` ("voc12", or "scenes": "class 1", ...)."""
+  if dataset == "scenes":
+    return ("background",) + tuple(f"class {i}" for i in range(1, NUM_LABELS))
+  return LABEL_NAMES
 
 
 def voc_palette() -> np.ndarray:

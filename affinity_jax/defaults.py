@@ -1,17 +1,30 @@
 """Every config key of an experiment, with the paper's settings as defaults.
 
 Each file in `configs/` starts from `base_config()` and changes what its experiment
-needs. Keys cannot be added afterwards (configs are locked), so this function is the
-one list of what can be set, each key explained where it is set.
+needs. Keys cannot be added afterwards (configs are locked), so this module is the one
+list of what can be set, each key explained where it is set. It imports no jax, so
+loading a config (and checking it against a workdir) stays fast.
 """
 
 import ml_collections
 
-from affinity_jax.training import loop
 
-
-def _train(**overrides) -> ml_collections.ConfigDict:
-  config = loop.default_config()
+def train_config(**overrides) -> ml_collections.ConfigDict:
+  """Every key `training.loop.train` reads, neutral values updated with `overrides`."""
+  config = ml_collections.ConfigDict(dict(
+      steps=1000,           # number of optimiser steps (the poly schedule's max_step)
+      lr=0.01,              # base learning rate (pretrained weights)
+      schedule="poly",      # "poly": lr * (1 - step/steps) ** poly_power, or "constant"
+      poly_power=0.9,
+      optimizer="sgd",      # "sgd" (the spec) or "adam" (quick CPU demos)
+      momentum=0.9,         # the reference effectively uses 5e-4; see docs/training.md
+      weight_decay=5e-4,    # L2 on weights only, added to the gradient
+      log_every=10,         # period of the loss/lr/images-per-s in the progress display
+      ckpt_every=500,       # checkpoint period in steps; the last step is always saved
+      keep=2,               # checkpoints kept
+      seed=0,               # base key of the per-step dropout keys
+      progress=True,        # progress display: a bar on a terminal, else timed lines
+  ))
   config.update(overrides)
   return config
 
@@ -60,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
       # Parameter path prefixes kept fixed on top of the backbone's own frozen layers,
       # e.g. ("backbone",) trains only the classifier (the same key in aff and seg).
       frozen=(),
-      train=_train(steps=9920, lr=0.01, momentum=0.9),
+      train=train_config(steps=9920, lr=0.01, momentum=0.9),
   ))
 
   # Stage 2: dense CRF on the host, low and high background power.
@@ -77,7 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
       radius=5,
       border="full",             # "full": every pair inside the crop; "reference": psa's
       frozen=(),                 # as cam.frozen
-      train=_train(steps=10580, lr=0.1, momentum=0.9),
+      # Backbone stages whose ends give the `low` and `mid` feature levels (Lite0 only;
+      # () keeps the backbone's default, Lite0's (3, 5)).
+      level_stages=(),
+      train=train_config(steps=10580, lr=0.1, momentum=0.9),
   ))
 
   # Stage 4: random walk.
@@ -89,6 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
       border="full",             # "full": every pixel gets edges; "reference": psa's rule
       batch_size=4,              # images per device call, padded to the largest
       dcrf=True,                 # also write CAM+RW+dCRF labels (the paper's third row)
+      # Weight of the walk's -log scores against the dCRF's pairwise terms (the label
+      # stage's CRF uses 1).
+      dcrf_unary_weight=1.0,
   ))
 
   # Stage 5: segmentation network on the pseudo masks.
@@ -99,7 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
       crop=448,
       resize_long=(256, 512),
       frozen=(),                 # as cam.frozen
-      train=_train(steps=6000, lr=0.01, momentum=0.9),
+      train=train_config(steps=6000, lr=0.01, momentum=0.9),
   ))
 
   c.eval = ml_collections.ConfigDict(dict(

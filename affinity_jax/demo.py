@@ -23,7 +23,7 @@ from affinity_jax import config_lib
 from affinity_jax.data import transforms
 from affinity_jax.errors import UserError
 from affinity_jax.evaluation import plots
-from affinity_jax.evaluation import report
+from affinity_jax import constants
 from affinity_jax.inference import STRIDE
 from affinity_jax.inference import cam
 from affinity_jax.inference import walk
@@ -204,7 +204,7 @@ def explain(ctx: common.Context, image_id: str) -> Panels:
 
 def class_names(ctx: common.Context, keys: Sequence[int]) -> str:
   """The names of label ids `keys` as the reports write them ("class 1" for the scenes)."""
-  names = report.class_names(ctx.config.data.name)
+  names = constants.label_names(ctx.config.data.name)
   return ", ".join(names[int(k)] for k in keys) or "no class"
 
 

@@ -57,6 +57,26 @@ def write_json(path: str, obj: Any) -> None:
   write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_jsonl(path: str) -> list[dict]:
+  """The JSON objects of a one-object-per-line file (e.g. metrics.jsonl), in order.
+
+  Blank lines and lines that do not parse (the last line of a killed writer) are skipped;
+  a missing file gives [].
+  """
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line) if line.strip() else None
+      except ValueError:
+        continue
+      if isinstance(row, dict):
+        rows.append(row)
+  return rows
+
+
 def save_npz(path: str, **arrays: np.ndarray) -> None:
   """Writes a compressed `.npz` atomically."""
   buf = io.BytesIO()

@@ -12,8 +12,8 @@ Expected (2 CPU cores, about 10 minutes): CAM+RW at least 10 mIoU points above C
 tests run (numbers meaningless).
 """
 
+from affinity_jax import config_lib
 from affinity_jax import defaults
-from affinity_jax.errors import UserError
 
 
 def get_config(arg=None):
@@ -58,17 +58,21 @@ def get_config(arg=None):
 
   c.eval.num_overlays = 6
 
-  if arg == "tiny":
-    c.data.scenes.update(num_train=16, num_val=8, image_size=64)
-    c.cam.crop = c.aff.crop = c.seg.crop = 64
-    c.cam.resize_long = c.seg.resize_long = (48, 80)
-    c.cam.scales = (1.0, 0.5)
-    c.crf.num_workers = 0
-    c.rw.t = 16
-    for stage in (c.cam, c.aff, c.seg):
-      stage.batch_size = 8
-      stage.train.update(steps=4, ckpt_every=2, log_every=1)
-    c.eval.num_overlays = 2
-  elif arg:
-    raise UserError(f"configs/scenes.py: unknown variant {arg!r}; use no variant or :tiny")
-  return c
+  return config_lib.apply_variant(c, arg, VARIANTS)
+
+
+def tiny(c):
+  """Seconds-long: 16 images of 64 px, 4 steps per network (numbers meaningless)."""
+  c.data.scenes.update(num_train=16, num_val=8, image_size=64)
+  c.cam.crop = c.aff.crop = c.seg.crop = 64
+  c.cam.resize_long = c.seg.resize_long = (48, 80)
+  c.cam.scales = (1.0, 0.5)
+  c.crf.num_workers = 0
+  c.rw.t = 16
+  for stage in (c.cam, c.aff, c.seg):
+    stage.batch_size = 8
+    stage.train.update(steps=4, ckpt_every=2, log_every=1)
+  c.eval.num_overlays = 2
+
+
+VARIANTS = {"tiny": tiny}

@@ -11,15 +11,14 @@ Expected (reference code): CAM 47.7, CAM+RW 61.0 mIoU on VOC train. Variant `tin
 shrinks every stage for a smoke test on a VOC-layout folder (numbers meaningless).
 """
 
+from affinity_jax import config_lib
 from affinity_jax import defaults
-from affinity_jax.errors import UserError
 
 
 def get_config(arg=None):
   c = defaults.base_config()
   c.model.backbone = "resnet38"
-  if arg == "tiny":
-    defaults.shrink_for_smoke_test(c)
-  elif arg:
-    raise UserError(f"configs/voc12_resnet38.py: unknown variant {arg!r}; use :tiny or none")
-  return c
+  return config_lib.apply_variant(c, arg, VARIANTS)
+
+
+VARIANTS = {"tiny": defaults.shrink_for_smoke_test}

@@ -11,16 +11,15 @@ Expected (reference code): CAM 48.9, CAM+RW 59.6 mIoU on VOC train. Variant `tin
 is the smoke test.
 """
 
+from affinity_jax import config_lib
 from affinity_jax import defaults
-from affinity_jax.errors import UserError
 
 
 def get_config(arg=None):
   c = defaults.base_config()
   c.model.backbone = "vgg16"
   c.cam.train.lr = 0.1
-  if arg == "tiny":
-    defaults.shrink_for_smoke_test(c)
-  elif arg:
-    raise UserError(f"configs/voc12_vgg16.py: unknown variant {arg!r}; use :tiny or none")
-  return c
+  return config_lib.apply_variant(c, arg, VARIANTS)
+
+
+VARIANTS = {"tiny": defaults.shrink_for_smoke_test}

@@ -1,12 +1,18 @@
 """Config loading, overrides and their errors, the workdir guard, the main wrapper."""
 
 import json
+import os
+import subprocess
+import sys
 import textwrap
 
 import pytest
 
 from affinity_jax import config_lib
+from affinity_jax import defaults
 from affinity_jax.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIG = textwrap.dedent('''
     import ml_collections
@@ -59,6 +65,50 @@ def test_unknown_keys_and_bad_values(config_file):
     config_lib.load_config("configs/nope.py")
 
 
+
+def test_variants_and_their_errors(tmp_path):
+  path = tmp_path / "exp.py"
+  path.write_text(textwrap.dedent('''
+      import ml_collections
+      from affinity_jax import config_lib
+
+      def get_config(arg=None):
+        c = ml_collections.ConfigDict(dict(steps=100, crop=448))
+        return config_lib.apply_variant(c, arg, VARIANTS)
+
+      def tiny(c):
+        c.steps = 2
+
+      VARIANTS = {"tiny": tiny, "small": lambda c: c.update(crop=64)}
+  '''))
+  assert config_lib.load_config(f"{path}:tiny").steps == 2
+  assert config_lib.load_config(f"{path}:small").crop == 64
+  assert config_lib.load_config(str(path)).steps == 100
+  with pytest.raises(UserError, match=rf"^{path}: unknown variant 'tinny'; did you mean "
+                     r":tiny\? \(variants: :tiny, :small or none\)$"):
+    config_lib.load_config(f"{path}:tinny")
+  with pytest.raises(UserError, match=r"unknown variant 'large' \(variants"):
+    config_lib.load_config(f"{path}:large")
+  with pytest.raises(UserError, match=r"unknown variant 'x'"):
+    config_lib.load_config("configs/voc12_lite0.py:x")
+
+
+@pytest.mark.parametrize("body,where,what", [
+    ("import os\n\ndef get_config(arg=None)\n  return 1\n", 3, "SyntaxError: expected ':'"),
+    ("import ml_collections\n\ndef get_config(arg=None):\n  c = ml_collections.ConfigDict()\n"
+     "  c.lock()\n  c.crop = 8\n  return c\n", 6, "AttributeError: "),
+    ("X = 1 / 0\n", 1, "ZeroDivisionError: division by zero"),
+    ("def get_config():\n  raise KeyError('steps')\n", 2, "KeyError: 'steps'"),
+])
+def test_errors_in_a_config_file_name_the_file_and_line(tmp_path, body, where, what):
+  path = tmp_path / "broken.py"
+  path.write_text(body)
+  with pytest.raises(UserError) as e:
+    config_lib.load_config(str(path))
+  message = str(e.value)
+  assert message.startswith(f"{path}:{where}: {what}") and "\n" not in message, message
+
+
 def test_command_line(config_file, tmp_path):
   cl = config_lib.parse_command_line(
       [f"--config={config_file}:tiny", "--workdir", str(tmp_path / "w"),
@@ -90,6 +140,29 @@ def test_workdir_guard(config_file, tmp_path):
     config_lib.check_workdir(other, workdir, "exp2")
 
 
+
+def test_worker_counts_within_a_workdir(tmp_path):
+  """CRF workers may change; grain workers may not: a resumed stream needs the same count."""
+  workdir = str(tmp_path / "w")
+  tiny = "configs/scenes.py:tiny"
+  config_lib.check_workdir(config_lib.load_config(tiny), workdir, tiny)
+  config_lib.check_workdir(config_lib.load_config(tiny, {"crf.num_workers": "3"}), workdir, tiny)
+  with pytest.raises(UserError, match=r"\(data\.num_workers: 0 there, 2 now: a training stage "
+                     r"resumes its input stream only with the worker count it was saved with "
+                     r"\(data/pipeline\.py\)\); use another --workdir$"):
+    config_lib.check_workdir(config_lib.load_config(tiny, {"data.num_workers": "2"}), workdir,
+                             tiny)
+
+
+def test_within_workdir_rules_name_real_keys():
+  keys = config_lib.flatten(defaults.base_config())
+  leaves = {key.rsplit(".", 1)[-1] for key in keys}
+  assert config_lib.FREE_LEAVES <= leaves
+  assert config_lib.FREE_KEYS <= set(keys) and set(config_lib.WHY_FIXED) <= set(keys)
+  assert not any(config_lib._free(key) for key in config_lib.WHY_FIXED)
+  assert all(any(k.startswith(group + ".") for k in keys) for group in config_lib.FREE_GROUPS)
+
+
 def test_run_main(capsys):
   def main(argv):
     raise UserError(f"bad {argv[0]}")
@@ -97,3 +170,18 @@ def test_run_main(capsys):
     config_lib.run_main(main, ["thing"])
   assert e.value.code == 2
   assert capsys.readouterr().err == "error: bad thing\n"
+
+
+def test_every_config_variant_loads_without_jax():
+  """Loading a config (and so checking a workdir) imports no jax, flax or orbax."""
+  script = textwrap.dedent("""
+      import glob, runpy, sys
+      from affinity_jax import config_lib
+      for path in sorted(glob.glob("configs/*.py")):
+        for variant in [""] + list(runpy.run_path(path).get("VARIANTS", {})):
+          config_lib.load_config(f"{path}:{variant}" if variant else path)
+      heavy = sorted({m.split(".")[0] for m in sys.modules} & {"jax", "flax", "orbax"})
+      assert not heavy, heavy
+  """)
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, check=True)

@@ -53,6 +53,18 @@ def test_crf_snaps_blurry_boundary_to_image_edge():
   assert raw.mean() < 0.9 and snapped.mean() > 0.98
 
 
+def test_unary_weight_sets_how_far_the_pairwise_terms_move_labels():
+  h, w = 32, 48
+  image = _two_halves(h, w)
+  fg = np.clip(0.5 + (np.arange(w) - 16) / w * 0.6, 0, 1)[None, :].repeat(h, 0)
+  probs = np.stack([1 - fg, fg], -1).astype(np.float32)
+  moved = lambda q: (q.argmax(-1) != probs.argmax(-1)).mean()
+  default = crf.dense_crf(image, probs)
+  assert np.array_equal(crf.dense_crf(image, probs, unary_weight=1.0), default)
+  assert moved(default) > 0.1  # snapped to the image edge, as above
+  assert moved(crf.dense_crf(image, probs, unary_weight=1000.0)) == 0
+
+
 def _load(i):
   rng = np.random.default_rng(int(i))
   return (rng.integers(0, 256, (12, 16, 3), dtype=np.uint8),

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from affinity_jax import constants
 from affinity_jax.evaluation import confusion, plots, report
 from affinity_jax.ops import metrics
 
@@ -100,7 +101,7 @@ def _rows(n=3):
 def test_plots_written_with_expected_size(tmp_path):
   cm = confusion.accumulate(_split(1))
   cpath = str(tmp_path / "confusion_CAM.png")
-  plots.confusion_plot(cpath, cm, report.LABEL_NAMES, size_in=6, dpi=80)
+  plots.confusion_plot(cpath, cm, constants.LABEL_NAMES, size_in=6, dpi=80)
   assert Image.open(cpath).size == (480, 480)
   gpath = str(tmp_path / "overlays.png")
   rows = list(_rows(3))
@@ -127,3 +128,50 @@ def test_png_pairs_read_palette_pngs_lazily(tmp_path):
   assert cm[15, 15] == 1 and cm[3, 3] == 2 and cm[3, 0] == 1 and cm.sum() == 5
   with pytest.raises(UserError, match="c.png"):
     confusion.accumulate(confusion.png_pairs(["c"], str(tmp_path), gts.__getitem__))
+
+
+def test_one_table_of_label_names():
+  assert len(constants.LABEL_NAMES) == constants.NUM_LABELS
+  assert constants.label_names("voc12") == constants.LABEL_NAMES
+  assert constants.LABEL_NAMES[1] == "aeroplane" and constants.LABEL_NAMES[20] == "tvmonitor"
+  scenes = constants.label_names("scenes")
+  assert scenes[0] == "background" and scenes[1:3] == ("class 1", "class 2")
+  assert len(scenes) == constants.NUM_LABELS
+
+
+def _metrics_log(path, steps, lr=0.01, cut=True):
+  lines = [json.dumps({"step": s, "loss": 2.0 / s, "lr": lr * (1 - (s - 1) / steps) ** 0.9,
+                       "images_per_s": 10.0}) for s in range(1, steps + 1)]
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n" + ('{"step": 9' if cut else ""))  # A killed writer.
+
+
+def test_training_curves_png_from_metrics_logs(tmp_path):
+  _metrics_log(str(tmp_path / "cam" / "metrics.jsonl"), 30)
+  _metrics_log(str(tmp_path / "aff" / "metrics.jsonl"), 12, lr=0.1)
+  path = str(tmp_path / "curves.png")
+  logs = {name: str(tmp_path / name / "metrics.jsonl") for name in ("cam", "aff", "seg")}
+  assert plots.training_curves(path, logs, cell_in=3, dpi=50) == ["cam", "aff"]
+  image = np.asarray(Image.open(path).convert("RGB"))
+  assert image.shape == (2 * round(3 * 0.7 * 50), 2 * 3 * 50, 3)
+  assert (image != 255).any(axis=-1).mean() > 0.05  # Something was drawn.
+  # No log at all: nothing drawn, nothing written.
+  assert plots.training_curves(str(tmp_path / "none.png"), {"seg": logs["seg"]}) == []
+  assert not os.path.exists(tmp_path / "none.png")
+
+
+def test_report_links_the_training_curves_of_its_workdir(tmp_path):
+  workdir = tmp_path / "run"
+  _metrics_log(str(workdir / "cam" / "metrics.jsonl"), 20)
+  _metrics_log(str(workdir / "seg" / "metrics.jsonl"), 20)
+  out = str(workdir / "eval")
+  report.write(out, {"CAM": confusion.accumulate(_split(0))}, echo=False)
+  md = (workdir / "eval" / "results.md").read_text()
+  assert "## Training curves" in md and "![training curves](training_curves.png)" in md
+  assert "of cam, seg," in md
+  assert Image.open(workdir / "eval" / "training_curves.png").size[0] > 0
+  # A report with no training logs beside it says nothing about curves.
+  report.write(str(tmp_path / "alone"), {"CAM": confusion.accumulate(_split(0))}, echo=False)
+  assert "Training curves" not in (tmp_path / "alone" / "results.md").read_text()
+  assert not (tmp_path / "alone" / "training_curves.png").exists()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from affinity_jax import defaults
 from affinity_jax.training import loop, optim
 from affinity_jax.training import mesh as mesh_lib
 
@@ -68,7 +69,7 @@ class ToyBatches:
 
 
 def toy_config(**kw):
-  config = loop.default_config()
+  config = defaults.train_config()
   config.update(dict(steps=6, lr=0.05, ckpt_every=100, log_every=1, progress=False,
                      momentum=0.9))
   config.update(kw)
@@ -163,7 +164,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path, monkeypatch):
   full = loop.train(Toy(nnx.Rngs(0)), loss_fn, ToyBatches(mesh), config,
                     str(tmp_path / "full"), mesh=mesh)
 
-  class InterruptingBar(loop.tqdm):
+  class InterruptingBar(loop.Progress):
     calls = 0
 
     def update(self, n=1):
@@ -172,7 +173,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path, monkeypatch):
         raise KeyboardInterrupt
       return super().update(n)
 
-  monkeypatch.setattr(loop, "tqdm", InterruptingBar)
+  monkeypatch.setattr(loop, "Progress", InterruptingBar)
   with pytest.raises(KeyboardInterrupt):
     loop.train(Toy(nnx.Rngs(0)), loss_fn, ToyBatches(mesh), config, str(tmp_path / "cut"),
                mesh=mesh)
@@ -186,3 +187,17 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path, monkeypatch):
   lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
   steps = [json.loads(l)["step"] for l in lines]
   assert steps == [1, 2, 3, 4, 5]
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, capsys, monkeypatch):
+  # pytest's captured stderr is no terminal, like nohup or a CI log: timed plain lines.
+  monkeypatch.setenv("AFFINITY_JAX_PROGRESS_S", "0")
+  mesh = mesh_lib.make_mesh()
+  config = toy_config(steps=3, progress=True)
+  loop.train(Toy(nnx.Rngs(0)), loss_fn, ToyBatches(mesh), config, str(tmp_path / "aff"),
+             mesh=mesh)
+  lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("aff: ")]
+  assert lines[0].startswith("aff: 0/3 (0%)")
+  assert [l.split(" ", 2)[1] for l in lines] == ["0/3", "1/3", "2/3", "3/3"]
+  for field in ("step/s", "loss=", "lr=5.00e-02", "img_s=", "elapsed", "ETA"):
+    assert field in lines[1], (field, lines[1])

@@ -43,6 +43,17 @@ def test_backbone_shapes_and_levels(name, size):
   assert bb.normalization == ("caffe_bgr" if name == "vgg16" else "imagenet_rgb")
 
 
+def test_lite0_level_stages_pick_the_affinity_levels():
+  bb = _abstract(lambda: build_backbone("lite0", rngs=nnx.Rngs(0), level_stages=(2, 4)))
+  assert bb.level_channels == (40, 112, 1280)
+  _, aux = _shapes(bb, (96, 128))
+  assert aux["low"] == (2, 12, 16, 40) and aux["mid"] == (2, 12, 16, 112)
+  aff = _abstract(lambda: AffinityNet("lite0", rngs=nnx.Rngs(0), level_stages=(2, 4)))
+  assert aff.f8_3.kernel.shape[-2:] == (40, 64)
+  with pytest.raises(UserError, match="level_stages"):
+    build_backbone("lite0", rngs=nnx.Rngs(0), level_stages=(5, 2))
+
+
 @pytest.mark.parametrize("name", BACKBONES)
 def test_head_shapes(name):
   size = (375, 500)

@@ -1,4 +1,5 @@
-"""Weight readers/writers, name tables, load_pretrained, convert, and real ImageNet weights."""
+"""Weight readers (on files tests/weight_files.py writes), name tables, load_pretrained,
+convert, and real ImageNet weights."""
 
 import os
 import pickle
@@ -16,6 +17,8 @@ from affinity_jax.models import AffinityNet, CAMNet, build_backbone
 from affinity_jax.models import layers, resnet38
 from affinity_jax.weights import keras, load, mappings, mxnet, pytorch
 from affinity_jax.weights.load import load_pretrained
+
+import weight_files
 
 INVERSE = {"conv": lambda s: (s[3], s[2], s[0], s[1]), "linear": lambda s: (s[1], s[0]),
            "none": lambda s: s}
@@ -42,7 +45,7 @@ def _assert_same(a, b):
 def test_pth_round_trip(tmp_path, legacy):
   sd = _random_dict(np.random.default_rng(0))
   path = str(tmp_path / "w.pth")
-  pytorch.save_state_dict(path, sd, legacy=legacy)
+  weight_files.save_state_dict(path, sd, legacy=legacy)
   _assert_same(pytorch.load_state_dict(path), sd)
 
 
@@ -52,7 +55,7 @@ def test_mxnet_round_trip_and_legacy_arrays(tmp_path):
             "aux:bn7_moving_mean": rng.normal(size=(7,)).astype(np.float32),
             "arg:half": rng.normal(size=(2, 2)).astype(np.float16)}
   path = str(tmp_path / "w.params")
-  mxnet.save_params(path, arrays)
+  weight_files.save_params(path, arrays)
   _assert_same(mxnet.load_params(path), arrays)
   # Oldest layout: no per-array magic, uint32 dims.
   a = np.arange(6, dtype=np.float32).reshape(2, 3)
@@ -67,7 +70,7 @@ def test_h5_round_trip(tmp_path):
   arrays = {"block1_conv1/kernel": rng.normal(size=(3, 3, 3, 64)).astype(np.float32),
             "block1_conv1/bias": rng.normal(size=(64,)).astype(np.float32)}
   path = str(tmp_path / "w.h5")
-  keras.save_h5(path, arrays)
+  weight_files.save_h5(path, arrays)
   got = keras.load_h5(path)
   assert sorted(got) == sorted(arrays)
   for k in arrays:
@@ -104,7 +107,8 @@ def _source_file(tmp_path, name, fmt, fill, extra=()):
     arrays[src] = fill(i, INVERSE[transform](shape))
   arrays.update(extra)
   path = str(tmp_path / {"torch": "w.pth", "mxnet": "w.params", "keras": "w.h5"}[fmt])
-  {"torch": pytorch.save_state_dict, "mxnet": mxnet.save_params, "keras": keras.save_h5}[fmt](path, arrays)
+  {"torch": weight_files.save_state_dict, "mxnet": weight_files.save_params,
+   "keras": weight_files.save_h5}[fmt](path, arrays)
   return path, entries, arrays
 
 
@@ -150,7 +154,7 @@ def test_shape_mismatch_names_parameter_and_shapes(tmp_path):
   fill = lambda i, shape: rng.normal(size=shape).astype(np.float32)
   path, _, arrays = _source_file(tmp_path, "vgg16", "keras", fill)
   arrays["block3_conv2/kernel"] = np.zeros((3, 3, 256, 128), np.float32)
-  keras.save_h5(path, arrays)
+  weight_files.save_h5(path, arrays)
   model = nnx.eval_shape(lambda: build_backbone("vgg16", rngs=nnx.Rngs(0)))
   with pytest.raises(UserError, match=r"block3_conv2/kernel has shape \(3, 3, 256, 128\).*conv3_2/kernel has shape \(3, 3, 256, 256\)"):
     load_pretrained(model, path, verbose=False)
@@ -174,7 +178,7 @@ def test_bad_files_raise_user_error_naming_the_file(tmp_path):
   with pytest.raises(UserError, match="converted backbone checkpoint"):
     load_pretrained(model, str(tmp_path))
   other = str(tmp_path / "other.pth")
-  pytorch.save_state_dict(other, {"features.0.weight": np.zeros((2, 2), np.float32)})
+  weight_files.save_state_dict(other, {"features.0.weight": np.zeros((2, 2), np.float32)})
   with pytest.raises(UserError, match="other.pth"):
     load_pretrained(model, other)
 

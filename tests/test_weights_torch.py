@@ -9,6 +9,8 @@ from affinity_jax.models import resnet38, vgg16
 from affinity_jax.weights import load, mappings, pytorch
 from affinity_jax.weights.load import load_pretrained
 
+import weight_files
+
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
@@ -156,7 +158,7 @@ def test_torch_reads_our_files(tmp_path, legacy):
         "a.bias": rng.normal(size=(3,)).astype(np.float16),
         "n": np.array(4, np.int64)}
   path = str(tmp_path / "ours.pth")
-  pytorch.save_state_dict(path, sd, legacy=legacy)
+  weight_files.save_state_dict(path, sd, legacy=legacy)
   got = torch.load(path, weights_only=True)
   assert list(got) == list(sd)
   for k, v in sd.items():

@@ -255,21 +255,6 @@ def segmentation_batches(source, mask_loader: MaskLoader | None, *, mesh: Mesh,
 # ----------------------------------------------------------------------------- inference
 
 
-def process_indices(num_records: int, process_index: int | None = None,
-                    process_count: int | None = None) -> range:
-  """The record indices this process handles at inference (every record exactly once overall)."""
-  pid = jax.process_index() if process_index is None else process_index
-  count = jax.process_count() if process_count is None else process_count
-  return range(pid, num_records, count)
-
-
-def iterate_examples(source, process_index: int | None = None,
-                     process_count: int | None = None) -> Iterator[dict]:
-  """This process's examples of a split, in order (for inference stages)."""
-  for i in process_indices(len(source), process_index, process_count):
-    yield source[i]
-
-
 def multiscale_inputs(image: np.ndarray, normalization: str,
                       scales: Sequence[float] = cam_ops.SCALES, flip: bool = True,
                       multiple: int = 8) -> list[tuple[np.ndarray, cam_ops.Pass]]:

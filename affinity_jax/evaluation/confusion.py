@@ -8,6 +8,7 @@ import numpy as np
 from affinity_jax import io
 from affinity_jax.ops import cam as cam_ops
 from affinity_jax.ops import metrics
+from affinity_jax.progress import Progress
 
 
 def png_pairs(ids: Iterable[str], pred_dir: str,
@@ -26,14 +27,14 @@ def accumulate(pairs: Iterable[tuple[np.ndarray, np.ndarray]], num_classes: int 
       (pred [H, W], gt [H, W]) integer label maps; gt 255 is ignored, pred outside
       0..C-1 counts as a miss (`affinity_jax.ops.metrics`).
     num_classes: C.
-    progress: a tqdm description, or None for no bar.
+    progress: the description of a `progress.Progress` display (a bar on a terminal,
+      timed lines otherwise), or None for none.
 
   Returns:
     int64 [C, C + 1] confusion matrix (rows gt, columns pred, last column out of range).
   """
   if progress is not None:
-    from tqdm import tqdm
-    pairs = tqdm(pairs, desc=progress, unit="img")
+    pairs = Progress(pairs, desc=progress, unit="img")
   cm = np.zeros((num_classes, num_classes + 1), np.int64)
   for pred, gt in pairs:
     pred, gt = np.asarray(pred), np.asarray(gt)

@@ -1,4 +1,5 @@
-"""Pictures for reports and notebooks: overlays as RGB arrays, confusion matrix, overlay grid.
+"""Pictures for reports and notebooks: overlays as RGB arrays, confusion matrix, overlay
+grid, training curves.
 
 Figures are drawn with matplotlib's object API on an Agg canvas (no pyplot, no global
 backend switch, so notebooks keep their own backend) and written through `affinity_jax.io`.
@@ -162,3 +163,56 @@ def overlay_grid(path: str, rows: Iterable[Mapping[str, np.ndarray]], *, cell_in
   save_figure(fig, path, dpi)
   return len(rows)
 
+
+def _running_mean(values: np.ndarray, window: int) -> np.ndarray:
+  """Mean of the last `window` values at each position (fewer at the start)."""
+  sums = np.cumsum(np.concatenate([[0.0], values]))
+  ends = np.arange(1, len(values) + 1)
+  starts = np.maximum(ends - window, 0)
+  return (sums[ends] - sums[starts]) / (ends - starts)
+
+
+def training_curves(path: str, metrics: Mapping[str, str], *, cell_in: float = 3.5,
+                    dpi: int = 100) -> list[str]:
+  """Loss and learning rate against the step, one column per training stage, as a PNG.
+
+  The loss is drawn per step (faint) and as a running mean over about 1/50 of the run.
+
+  Args:
+    path: output .png.
+    metrics: {stage name: path of its metrics.jsonl} in display order; stages whose
+      file is missing or empty are left out.
+
+  Returns:
+    The stages drawn (nothing is written when there is none).
+  """
+  from matplotlib.figure import Figure
+
+  runs = {}
+  for name, metrics_path in metrics.items():
+    rows = [r for r in io.read_jsonl(metrics_path) if "step" in r and "loss" in r]
+    if rows:
+      runs[name] = rows
+  if not runs:
+    return []
+  fig = Figure(figsize=(len(runs) * cell_in, 2 * cell_in * 0.7))
+  axes = fig.subplots(2, len(runs), squeeze=False, sharex="col")
+  for col, (name, rows) in enumerate(runs.items()):
+    step = np.array([r["step"] for r in rows])
+    loss = np.array([r["loss"] for r in rows], np.float64)
+    top, bottom = axes[0, col], axes[1, col]
+    top.plot(step, loss, color="tab:blue", alpha=0.3, linewidth=0.8)
+    top.plot(step, _running_mean(loss, max(len(loss) // 50, 1)), color="tab:blue")
+    top.set_title(name)
+    top.grid(alpha=0.3)
+    if "lr" in rows[0]:
+      bottom.plot(step, [r.get("lr", np.nan) for r in rows], color="tab:orange")
+    bottom.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    bottom.set_xlabel("step")
+    bottom.grid(alpha=0.3)
+    if col == 0:
+      top.set_ylabel("loss")
+      bottom.set_ylabel("learning rate")
+  fig.tight_layout()
+  _save(fig, path, dpi)
+  return list(runs)

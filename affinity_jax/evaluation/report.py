@@ -1,4 +1,5 @@
-"""Per-class IoU / mIoU tables for several methods side by side; results.json and results.md.
+"""Per-class IoU / mIoU tables for several methods side by side; results.json and results.md
+(with the training curves of the run when its metrics logs are there).
 
 Table layout: one column per method, one row per label (background, the 20 VOC classes),
 then an mIoU row; values in percent with one decimal, '-' for a class absent from both the
@@ -12,18 +13,20 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from affinity_jax import io
-from affinity_jax.constants import NUM_LABELS, VOC_CLASSES
+from affinity_jax.constants import LABEL_NAMES
 from affinity_jax.evaluation import label_quality
+from affinity_jax.evaluation import plots
 from affinity_jax.ops import metrics
 
-LABEL_NAMES = ("background",) + VOC_CLASSES
+# The trained networks, each with `<workdir>/<name>/metrics.jsonl`, in pipeline order.
+TRAINED = ("cam", "aff", "seg")
+CURVES_PNG = "training_curves.png"
 
 
-def class_names(dataset: str) -> tuple[str, ...]:
-  """Row names of the reports: VOC's classes, or numbered classes for the scenes."""
-  if dataset == "scenes":
-    return ("background",) + tuple(f"class {i}" for i in range(1, NUM_LABELS))
-  return LABEL_NAMES
+def training_logs(out_dir: str) -> dict[str, str]:
+  """{network: its metrics.jsonl} for a report written in `<workdir>/eval`."""
+  workdir = os.path.dirname(os.path.abspath(out_dir))
+  return {name: os.path.join(workdir, name, "metrics.jsonl") for name in TRAINED}
 
 
 def summarize(cms: Mapping[str, np.ndarray], names: Sequence[str] = LABEL_NAMES) -> dict:
@@ -79,12 +82,16 @@ def table(results: dict, only_present: bool = False) -> str:
 
 def write(out_dir: str, cms: Mapping[str, np.ndarray], *, only_present: bool = False,
           title: str = "Evaluation", names: Sequence[str] = LABEL_NAMES,
-          echo: bool = True, labels: dict | None = None) -> dict:
+          echo: bool = True, labels: dict | None = None,
+          curves: Mapping[str, str] | None = None) -> dict:
   """Writes `results.json` and `results.md` in `out_dir` (atomically) and prints the table.
 
   Args:
     labels: optional `label_quality.summarize` numbers of the affinity labels; stored
       under "affinity_labels" and shown as a second table.
+    curves: {network: metrics.jsonl path} whose loss and learning rate are drawn in
+      `<out_dir>/training_curves.png` and shown in results.md (default: the workdir's
+      training folders, `training_logs(out_dir)`; missing logs are left out).
 
   Returns:
     The `summarize` dict that went into results.json.
@@ -101,6 +108,12 @@ def write(out_dir: str, cms: Mapping[str, np.ndarray], *, only_present: bool = F
     md += ("\n## Affinity labels against the true masks\n\n"
            "What AffinityNet learns from (the CRF labels of the scored images, whole "
            "images, no crop): see docs/evaluation.md.\n\n" + labels_text + "\n")
+  drawn = plots.training_curves(os.path.join(out_dir, CURVES_PNG),
+                                training_logs(out_dir) if curves is None else curves)
+  if drawn:
+    md += ("\n## Training curves\n\n"
+           f"Loss (per step and its running mean) and learning rate of {', '.join(drawn)}, "
+           f"from each network's metrics.jsonl.\n\n![training curves]({CURVES_PNG})\n")
   io.write_text(os.path.join(out_dir, "results.md"), md)
   if echo:
     print(text)

@@ -6,8 +6,9 @@ srgb=13 compat=10, 10 mean-field iterations, on the full-resolution RGB image.
 Marginals are returned channels-last, [H, W, L] float32, like the store and the rest of
 the package (NHWC).
 
-This module imports only NumPy (and pydensecrf when a CRF runs) so the worker processes,
-started with 'spawn' (forking a process that has initialised JAX is unsafe), stay light.
+This module imports only NumPy (and pydensecrf when a CRF runs; `progress` needs only
+the standard library) so the worker processes, started with 'spawn' (forking a process
+that has initialised JAX is unsafe), stay light.
 """
 
 import collections
@@ -19,6 +20,7 @@ import numpy as np
 from affinity_jax import io
 from affinity_jax.errors import UserError
 from affinity_jax.labels import store
+from affinity_jax.progress import Progress
 
 INSTALL_HINT = "pydensecrf is not importable; install it with `pip install pydensecrf2`"
 
@@ -33,13 +35,16 @@ def _densecrf():
 
 def dense_crf(image: np.ndarray, probs: np.ndarray, *, iterations: int = 10,
               gauss_sxy: float = 3, gauss_compat: float = 3, bi_sxy: float = 80,
-              bi_srgb: float = 13, bi_compat: float = 10) -> np.ndarray:
+              bi_srgb: float = 13, bi_compat: float = 10, unary_weight: float = 1.0
+              ) -> np.ndarray:
   """Mean-field dense CRF.
 
   Args:
     image: uint8 [H, W, 3] RGB at the resolution of `probs`.
     probs: float [H, W, L] scores in [0, 1] (not required to sum to 1).
     iterations: mean-field steps.
+    unary_weight: multiplies the unary -log(probs): how much the scores are trusted
+      against the pairwise terms.
 
   Returns:
     float32 [H, W, L] marginals (sum to 1 over L).
@@ -48,7 +53,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, *, iterations: int = 10,
   h, w, n = probs.shape
   if image.shape != (h, w, 3):
     raise ValueError(f"image {image.shape} does not match probs {probs.shape}")
-  unary = -np.log(np.clip(probs, 1e-5, 1.0)).astype(np.float32)
+  unary = (-unary_weight * np.log(np.clip(probs, 1e-5, 1.0))).astype(np.float32)
   unary = np.ascontiguousarray(unary.reshape(h * w, n).T)
   d = dcrf.DenseCRF2D(w, h, n)
   d.setUnaryEnergy(unary)
@@ -98,19 +103,21 @@ def _work(job):
   return image_id
 
 
-def label_png(job) -> str:
+def label_png(job, unary_weight: float = 1.0) -> str:
   """Worker body of the walk's dense CRF (CAM+RW+dCRF): refine scores, write the labels.
 
   Args:
     job: (path, image uint8 [H, W, 3], scores float [H, W, L] the walk's output at the
       image size, keys int [L] the label id of each channel).
+    unary_weight: `dense_crf`'s, `config.rw.dcrf_unary_weight`.
 
   Returns:
     The path written (a VOC-paletted PNG of keys[argmax of the CRF marginals]).
   """
   path, image, scores, keys = job
   probs = np.maximum(scores, 0) / np.maximum(scores.sum(-1, keepdims=True), 1e-5)
-  io.save_label_png(path, np.asarray(keys)[np.argmax(dense_crf(image, probs), -1)])
+  q = dense_crf(image, probs, unary_weight=unary_weight)
+  io.save_label_png(path, np.asarray(keys)[np.argmax(q, -1)])
   return path
 
 
@@ -120,7 +127,8 @@ def map_jobs(work: Callable, jobs: Iterable, workers: int,
 
   `jobs` is consumed as results come back, at most 2 * workers in flight, so a producer
   (a loader, the random walk) runs alongside the workers and memory stays bounded.
-  `done(result)` is called in the order of `jobs`. A worker's exception is raised here.
+  `done(result)` is called in the order of `jobs` (e.g. a `progress.Progress`'s update).
+  A worker's exception is raised here.
 
   Args:
     work: a module-level function of this module (workers import only this module).
@@ -165,14 +173,13 @@ def run_pool(ids: Iterable[str], load: Callable[[str], tuple], out_dir: str, *,
     load: id -> (image uint8 [H, W, 3], cams float [H, W, k], keys int [k]).
     out_dir: store folder.
     workers: process count; <= 1 runs in this process.
+    progress: show a `progress.Progress` display (a bar or timed lines).
 
   Returns:
     The number of images processed now (skipped ones not counted).
   """
-  from tqdm import tqdm
-
   _densecrf()  # Fail early with the install hint, not inside a worker.
   todo = [i for i in ids if not store.exists(out_dir, i)]
   jobs = ((out_dir, i, *load(i), la_alpha, ha_alpha) for i in todo)
-  with tqdm(total=len(todo), desc="dense CRF", unit="img", disable=not progress) as bar:
+  with Progress(total=len(todo), desc="dense CRF", unit="img", disable=not progress) as bar:
     return map_jobs(_work, jobs, workers, lambda _: bar.update(1))

@@ -58,17 +58,23 @@ class EfficientNetLite0(nnx.Module):
   (s = output_stride, 8 by default) with aux `low` (80 ch, end of stage 4), `mid`
   (192 ch, end of stage 6) and `high` (= features, the 1280-ch head). With
   `classifier=True` it also holds the ImageNet layer `fc` used by `classify`.
+  `level_stages` picks the stages whose last block gives `low` and `mid` (0-based
+  indices into `STAGES`; default (3, 5)).
   """
 
   out_channels = 1280
-  level_channels = (80, 192, 1280)
   frozen_prefixes = ("backbone/conv_stem", "backbone/bn0", "backbone/block0")
   normalization = "imagenet_rgb"
 
   def __init__(self, *, rngs: nnx.Rngs, norm: str = "frozen", output_stride: int = 8,
-               classifier: bool = False):
+               classifier: bool = False, level_stages: tuple[int, int] = (3, 5)):
     if output_stride not in (8, 16, 32):
       raise UserError(f"output_stride: {output_stride} not in (8, 16, 32)")
+    level_stages = tuple(level_stages)
+    if (len(level_stages) != 2 or not 0 <= level_stages[0] < level_stages[1] < len(STAGES)):
+      raise UserError(f"level_stages: {level_stages} must be two increasing stage indices in "
+                      f"0..{len(STAGES) - 1}")
+    self.level_channels = tuple(STAGES[s][3] for s in level_stages) + (self.out_channels,)
     self.conv_stem = _conv(3, 32, 3, rngs=rngs, stride=2)
     self.bn0 = layers.make_norm(norm, 32, rngs=rngs, eps=BN_EPS)
     cin, stride_now, dilation, index = 32, 2, 1, 0
@@ -83,7 +89,7 @@ class EfficientNetLite0(nnx.Module):
         d = dilation // 2 if (r == 0 and stride == 2 and s == 1) else dilation
         setattr(self, f"block{index}", MBConv(cin, cout, expand, k, s, max(d, 1), rngs=rngs, norm=norm))
         cin, index = cout, index + 1
-      if stage in (3, 5):
+      if stage in level_stages:
         level_blocks.append(index - 1)
     self.level_blocks = tuple(level_blocks)
     self.conv_head = _conv(320, 1280, 1, rngs=rngs)

@@ -1,9 +1,9 @@
 """Stage 1: train the classifier (`train_cam`) and infer multi-scale CAMs (`infer_cam`)."""
 
 import numpy as np
-from tqdm import tqdm
 
 from affinity_jax.data import pipeline
+from affinity_jax.progress import Progress
 from affinity_jax.stages import common
 from affinity_jax.training import losses
 
@@ -27,7 +27,7 @@ def infer(ctx: common.Context) -> None:
   """
   classifier, store = ctx.classifier(), ctx.files.cams
   todo = [i for i in ctx.label_ids() if not store.exists(i)]
-  with tqdm(total=len(todo), desc="infer_cam", disable=None) as bar:
+  with Progress(total=len(todo), desc="infer_cam", disable=None) as bar:
     for chunk in common.batches(todo, ctx.config.cam.infer_batch):
       examples = [ctx.example(i) for i in chunk]
       for image_id, example, cams in zip(chunk, examples, classifier.cams(examples)):

@@ -5,8 +5,8 @@ side by side), confusion_<method>.png and overlays.png.
 """
 
 import jax
-from tqdm import tqdm
 
+from affinity_jax import constants
 from affinity_jax.evaluation import confusion
 from affinity_jax.evaluation import label_quality
 from affinity_jax.evaluation import plots
@@ -14,6 +14,7 @@ from affinity_jax.evaluation import report
 from affinity_jax.inference import cam
 from affinity_jax.ops import metrics
 from affinity_jax.ops import neighbors
+from affinity_jax.progress import Progress
 from affinity_jax.stages import common
 
 
@@ -36,7 +37,7 @@ def run(ctx: common.Context) -> dict:
     methods[f"seg ({c.data.seg_eval_split})"] = (
         (predict(e["image"]), e["mask"]) for e in (split[i] for i in range(len(split))))
   cms.update(confusion.evaluate(methods, progress=True))
-  names = report.class_names(c.data.name)
+  names = constants.label_names(c.data.name)
   plots.confusion_plots(files.reports.directory,
                         {k: v for k, v in cms.items() if not k.startswith("CAM (best")}, names)
   rows = [dict(image=ctx.example(i)["image"], cam=files.cams.load(i)[0],
@@ -46,7 +47,7 @@ def run(ctx: common.Context) -> dict:
   plots.overlay_grid(files.reports.path("overlays.png"), rows)
   have_crf = [i for i in ids if files.crf.exists(i)]
   labels = label_quality.measure(
-      tqdm(have_crf, desc="affinity labels", unit="img"), files.crf.load, gt,
+      Progress(have_crf, desc="affinity labels", unit="img"), files.crf.load, gt,
       neighbors.half_disk_offsets(c.aff.radius), c.aff.border) if have_crf else None
   title = (f"{c.data.name}: pseudo masks on {c.data.eval_split}"
            + (f", segmentation net on {c.data.seg_eval_split}" if c.seg.enabled else ""))
@@ -59,7 +60,7 @@ def cam_methods(ctx: common.Context, ids: list[str], gt) -> dict:
   best threshold: {"CAM": cm, "CAM (best t=..)": cm}."""
   c = ctx.config.eval
   pairs = ((cam.full_cams(*ctx.files.cams.load(i)), gt(i))
-           for i in tqdm(ids, desc="CAM", unit="img"))
+           for i in Progress(ids, desc="CAM", unit="img"))
   cms = confusion.cam_thresholds(pairs, dict.fromkeys((c.cam_threshold,) + tuple(c.cam_sweep)))
   out = {"CAM": cms[c.cam_threshold]}
   if c.cam_sweep:

@@ -5,10 +5,11 @@ argmax labels; with `config.rw.dcrf` also a dense CRF of the walk's scores, in
 `config.crf.num_workers` processes while the next batches walk.
 """
 
-from tqdm import tqdm
+import functools
 
 from affinity_jax.inference import walk
 from affinity_jax.labels import crf
+from affinity_jax.progress import Progress
 from affinity_jax.stages import common
 
 
@@ -28,10 +29,11 @@ def infer(ctx: common.Context) -> None:
         files.rw.save(image_id, walk.labels(scores, keys))
         yield files.rw_crf.path(image_id), image, scores, walk.label_ids(keys)
 
-  with tqdm(total=len(todo), desc="infer_rw", disable=None) as bar:
+  with Progress(total=len(todo), desc="infer_rw", disable=None) as bar:
     if c.rw.dcrf:
       # The CRF runs in the CRF worker processes while the next batches walk.
-      crf.map_jobs(crf.label_png, walked(), c.crf.num_workers, lambda _: bar.update(1))
+      work = functools.partial(crf.label_png, unary_weight=c.rw.dcrf_unary_weight)
+      crf.map_jobs(work, walked(), c.crf.num_workers, lambda _: bar.update(1))
     else:
       for _ in walked():
         bar.update(1)

@@ -4,6 +4,8 @@ A checkpoint step folder holds two items:
   - `state`: a pytree of arrays (model parameters and other variables as pure dicts,
     optimiser state, step), written with `StandardSave`;
   - `data`: the input iterator's `get_state()` dict, written with `JsonSave`.
+No rng key is saved: the training loop rebuilds its base key from the config's `seed`
+(fixed within a workdir) and folds in the step, so a resumed run draws the same keys.
 Orbax writes each step to a temporary folder and renames it when complete, so a killed
 run leaves either the previous checkpoints or the new one, never a half-written one.
 """
@@ -176,6 +178,13 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.close()
 
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    """Waits for asynchronous writes, then closes."""
+    self.wait()
+    self.close()
 
 def restore_model(model: nnx.Module, directory: str, step: int | None = None,
                   sharding: jax.sharding.Sharding | None = None) -> None:

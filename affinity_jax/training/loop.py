@@ -12,20 +12,18 @@ and the train state is donated so its buffers are reused in place.
 import json
 import math
 import os
-import sys
 import time
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from tqdm import tqdm
 
 from affinity_jax import io
 from affinity_jax.errors import UserError
+from affinity_jax.progress import Progress
 from affinity_jax.training import mesh as mesh_lib
 from affinity_jax.training import optim
 from affinity_jax.training.checkpoint import Checkpointer
@@ -42,47 +40,8 @@ class BatchIterator(Protocol):
   def set_state(self, state: dict) -> None: ...
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """Every key `train` reads, with neutral values; experiment configs override them."""
-  return ml_collections.ConfigDict(dict(
-      steps=1000,           # number of optimiser steps (the poly schedule's max_step)
-      lr=0.01,              # base learning rate (pretrained weights)
-      schedule="poly",      # "poly": lr * (1 - step/steps) ** poly_power, or "constant"
-      poly_power=0.9,
-      optimizer="sgd",      # "sgd" (the spec) or "adam" (quick CPU demos)
-      momentum=0.9,         # the reference effectively uses 5e-4; see docs/training.md
-      weight_decay=5e-4,    # L2 on weights only, added to the gradient
-      log_every=10,         # progress bar refresh (metrics.jsonl gets every step)
-      ckpt_every=500,       # checkpoint period in steps; the last step is always saved
-      keep=2,               # checkpoints kept
-      seed=0,               # base key of the per-step dropout keys
-      progress=True,        # progress bar (also off when stderr is not a terminal)
-  ))
-
-
 def _pure(state: nnx.State) -> dict:
   return nnx.to_pure_dict(state)
-
-
-def _metrics_path(workdir: str) -> str:
-  return os.path.join(workdir, "metrics.jsonl")
-
-
-def _truncate_metrics(workdir: str, step: int) -> None:
-  """Drops log lines after the restored checkpoint so a resumed log has no duplicates."""
-  path = _metrics_path(workdir)
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = [line for line in f if line.strip()]
-  keep = []
-  for line in lines:
-    try:
-      if json.loads(line)["step"] <= step:
-        keep.append(line)
-    except (ValueError, KeyError):  # A line cut by a kill.
-      pass
-  io.write_text(path, "".join(keep))
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int:
@@ -146,11 +105,8 @@ def _checkpointer(workdir: str, config: Any) -> Checkpointer:
 
 def latest_step(workdir: str, config: Any) -> int | None:
   """The step of the newest checkpoint in `workdir/ckpt` (None when there is none)."""
-  ckpt = _checkpointer(workdir, config)
-  try:
+  with _checkpointer(workdir, config) as ckpt:
     return ckpt.latest_step()
-  finally:
-    ckpt.close()
 
 
 def restore_model(model: nnx.Module, config: Any, workdir: str,
@@ -166,16 +122,131 @@ def restore_model(model: nnx.Module, config: Any, workdir: str,
   params, rest = _pure(params), _pure(rest)
   tx = optim.make_optimizer(params, config, frozen_prefixes)
   _, abstract = _state_fns(tx, params, rest, mesh_lib.replicated(mesh))
-  ckpt = _checkpointer(workdir, config)
-  try:
+  with _checkpointer(workdir, config) as ckpt:
     step = ckpt.latest_step()
     if step is None:
       return None
     state, _ = ckpt.restore(abstract, step)
-  finally:
-    ckpt.close()
   nnx.update(model, nnx.State(state["params"]), nnx.State(state["rest"]))
   return step
+
+
+def _restore_or_init(ckpt: Checkpointer, tx: optax.GradientTransformation, params: dict,
+                     rest: dict, batches: BatchIterator, mesh: jax.sharding.Mesh
+                     ) -> tuple[dict, int]:
+  """The train state to start from and its step.
+
+  The newest checkpoint, with `batches` moved to the position saved with it; or, when
+  there is none, a fresh state at step 0 made from `params` and `rest`.
+  """
+  replicated = mesh_lib.replicated(mesh)
+  init_state, abstract = _state_fns(tx, params, rest, replicated)
+  start = ckpt.latest_step()
+  if start is not None:
+    state, data_state = ckpt.restore(abstract, start)
+    batches.set_state(data_state)
+    return state, start
+  # Through host memory: fresh global buffers (the model's own are never donated), and
+  # valid on several hosts as long as each holds the same values.
+  host = jax.tree.map(lambda x: jax.device_put(np.asarray(x), replicated), (params, rest))
+  return jax.jit(init_state, out_shardings=replicated)(*host), 0
+
+
+def _next_batch(batches: BatchIterator, step: int, steps: int, workdir: str
+                ) -> Mapping[str, jax.Array]:
+  try:
+    return next(batches)
+  except StopIteration:
+    raise UserError(f"the input pipeline of {workdir} ended at step {step} of {steps}") from None
+
+
+class _MetricsLog:
+  """`metrics.jsonl` and the progress display of one run, kept one step behind the device.
+
+  `add(step, ...)` queues the metrics of `step` and writes those of the step before:
+  reading them back waits for that step to finish, which by then overlaps the step just
+  dispatched. `flush` writes the queued step too. Only process 0 writes; on resume,
+  lines after the restored step are dropped so the log has no duplicates.
+  """
+
+  def __init__(self, workdir: str, start: int, config: Any):
+    self.workdir, self.steps = workdir, int(config.steps)
+    self.logged = start  # The last step written.
+    self._every = max(int(config.log_every), 1)
+    self._pending = None  # (step, metrics, batch size) not written yet.
+    self._last_t = time.perf_counter()
+    main = jax.process_index() == 0
+    path = os.path.join(workdir, "metrics.jsonl")
+    if main:
+      _truncate_log(path, start)
+    self._file = open(path if main else os.devnull, "a")
+    self._progress = Progress(
+        total=self.steps, initial=start, unit="step", dynamic_ncols=True,
+        desc=os.path.basename(os.path.normpath(workdir)) or "train",
+        disable=not (bool(config.get("progress", True)) and main))
+
+  def add(self, step: int, metrics: Mapping[str, jax.Array], batch_size: int) -> None:
+    previous, self._pending = self._pending, (step, metrics, batch_size)
+    if previous is not None:
+      self._write(*previous)
+
+  def flush(self) -> None:
+    if self._pending is not None:
+      self._write(*self._pending)
+      self._pending = None
+
+  def catch_up(self, step: int) -> bool:
+    """Writes the queued step if it directly follows the last one written.
+
+    Returns:
+      Whether the log now ends exactly at `step` (so a checkpoint there matches it).
+    """
+    if self._pending is not None and self.logged == step - 1:
+      self.flush()
+    return self.logged == step
+
+  def close(self) -> None:
+    self._file.close()
+    self._progress.close()
+
+  def __enter__(self) -> "_MetricsLog":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def _write(self, step: int, metrics: Mapping[str, jax.Array], batch_size: int) -> None:
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    now = time.perf_counter()
+    values["images_per_s"] = batch_size / max(now - self._last_t, 1e-9)
+    self._last_t = now
+    if not math.isfinite(values["loss"]):
+      raise FloatingPointError(f"loss is {values['loss']} at step {step} in {self.workdir}")
+    self._file.write(json.dumps({"step": step, **values}) + "\n")
+    self._file.flush()
+    self.logged = step
+    if step % self._every == 0 or step == self.steps:
+      self._progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
+                                 img_s=f"{values['images_per_s']:.1f}")
+    self._progress.update(1)
+
+
+def _truncate_log(path: str, step: int) -> None:
+  """Drops the lines of `path` after `step` (and lines cut by a kill)."""
+  if os.path.exists(path):
+    rows = [r for r in io.read_jsonl(path) if r.get("step", step + 1) <= step]
+    io.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _save_on_interrupt(ckpt: Checkpointer, step: int, state: dict, batches: BatchIterator,
+                       log: _MetricsLog) -> None:
+  """Ctrl-C: keeps the work since the last checkpoint when that is safe.
+
+  Only on a single host (on several, a save is collective and the other hosts were not
+  interrupted) and only when the state, the iterator and the log agree on `step`.
+  """
+  if jax.process_count() == 1 and log.catch_up(step):
+    ckpt.save(step, state, batches.get_state())
 
 
 def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: Any,
@@ -190,7 +261,7 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: An
       and a dict of scalar arrays; `rng` is a fresh key per step (for dropout).
     batches: iterator of dicts of global `jax.Array`s `[B, ...]` split on `data`, with
       `get_state()`/`set_state()` (JSON-serialisable position).
-    config: keys of `default_config()`.
+    config: keys of `defaults.train_config()`.
     workdir: the stage's folder; gets `ckpt/` and `metrics.jsonl`.
     frozen_prefixes: parameter paths that receive no updates.
     mesh: the mesh of the batches (default: all devices).
@@ -199,97 +270,36 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: An
     `model`, updated in place with the trained variables.
   """
   mesh = mesh_lib.make_mesh() if mesh is None else mesh
-  replicated = mesh_lib.replicated(mesh)
   steps = int(config.steps)
   os.makedirs(workdir, exist_ok=True)
-
   graphdef, params, rng_state, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
   params, rest = _pure(params), _pure(rest)
   tx = optim.make_optimizer(params, config, frozen_prefixes)
-  schedule = optim.make_schedule(config)
-  init_state, abstract = _state_fns(tx, params, rest, replicated)
-  ckpt = _checkpointer(workdir, config)
-  start = ckpt.latest_step()
-  if start is None:
-    # Through host memory: fresh global buffers (the model's own are never donated),
-    # and valid on several hosts as long as each holds the same values.
-    host = jax.tree.map(lambda x: jax.device_put(np.asarray(x), replicated), (params, rest))
-    state = jax.jit(init_state, out_shardings=replicated)(*host)
-    start = 0
-  else:
-    state, data_state = ckpt.restore(abstract, start)
-    batches.set_state(data_state)
-  is_main = jax.process_index() == 0
-  if is_main:
-    _truncate_metrics(workdir, start)
+  train_step = make_train_step(graphdef, tx, loss_fn, optim.make_schedule(config),
+                               _pure(rng_state), mesh, frozen_prefixes)
+  rng = jax.device_put(jax.random.key(int(config.seed)), mesh_lib.replicated(mesh))
 
-  rng = jax.device_put(jax.random.key(int(config.seed)), replicated)
-  step_fn = make_train_step(graphdef, tx, loss_fn, schedule, nnx.to_pure_dict(rng_state), mesh,
-                            frozen_prefixes)
-  show = bool(config.get("progress", True)) and sys.stderr.isatty() and is_main
-  bar = tqdm(total=steps, initial=start, disable=not show, dynamic_ncols=True,
-             desc=os.path.basename(os.path.normpath(workdir)) or "train")
-  log_every = max(int(config.log_every), 1)
-  last_t = time.perf_counter()
-
-  logged = start  # The last step written to the metrics log.
-
-  def flush(pending, f):
-    nonlocal last_t, logged
-    step, metrics, size = pending
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    now = time.perf_counter()
-    values["images_per_s"] = size / max(now - last_t, 1e-9)
-    last_t = now
-    if not math.isfinite(values["loss"]):
-      raise FloatingPointError(f"loss is {values['loss']} at step {step} in {workdir}")
-    f.write(json.dumps({"step": step, **values}) + "\n")
-    f.flush()
-    logged = step
-    bar.update(1)
-    if step % log_every == 0 or step == steps:
-      bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
-                      img_s=f"{values['images_per_s']:.1f}")
-
-  step, saved = start, start
-  pending = None  # (step, metrics, batch size): fetched after the next step is queued.
-  in_step = False  # True between taking a batch and getting the step's new state.
-  log = open(_metrics_path(workdir) if is_main else os.devnull, "a")
-  try:
-    while step < steps:
-      in_step = True
+  with _checkpointer(workdir, config) as ckpt:
+    state, step = _restore_or_init(ckpt, tx, params, rest, batches, mesh)
+    saved = step
+    with _MetricsLog(workdir, step, config) as log:
+      in_step = False  # True from taking a batch until the step's new state exists.
       try:
-        batch = next(batches)
-      except StopIteration:
-        raise UserError(f"the input pipeline of {workdir} ended at step {step} of {steps}")
-      state, metrics = step_fn(state, batch, rng)
-      step += 1
-      in_step = False
-      previous, pending = pending, (step, metrics, _batch_size(batch))
-      if previous is not None:
-        flush(previous, log)
-      if step % ckpt.save_every == 0 or step == steps:
-        flush(pending, log)
-        pending = None
-        ckpt.save(step, state, batches.get_state())
-        saved = step
-    if pending is not None:
-      flush(pending, log)
-  except KeyboardInterrupt:
-    # Ctrl-C on a single host: keep the work since the last checkpoint, if the state,
-    # the iterator and the log agree on the step. (On several hosts a save is
-    # collective and the other hosts were not interrupted, so skip it.)
-    if not in_step and step > saved and jax.process_count() == 1:
-      if pending is not None and logged == step - 1:
-        flush(pending, log)
-      if logged == step:
-        ckpt.save(step, state, batches.get_state())
-    raise
-  finally:
-    log.close()
-    bar.close()
-    ckpt.wait()
-    ckpt.close()
+        while step < steps:
+          in_step = True
+          batch = _next_batch(batches, step, steps, workdir)
+          state, metrics = train_step(state, batch, rng)
+          step, in_step = step + 1, False
+          log.add(step, metrics, _batch_size(batch))
+          if step % ckpt.save_every == 0 or step == steps:
+            log.flush()
+            ckpt.save(step, state, batches.get_state())
+            saved = step
+        log.flush()
+      except KeyboardInterrupt:
+        if not in_step and step > saved:
+          _save_on_interrupt(ckpt, step, state, batches, log)
+        raise
 
   nnx.update(model, nnx.State(state["params"]), nnx.State(state["rest"]))
   return model

@@ -32,26 +32,3 @@ def load_h5(path: str) -> dict[str, np.ndarray]:
   if not out:
     raise UserError(f"{path}: HDF5 file holds no weights")
   return out
-
-
-def save_h5(path: str, arrays: dict[str, np.ndarray]) -> None:
-  """Writes {`layer/weight`: array} in the keras.applications layout (test fixtures)."""
-  import io
-
-  import h5py
-
-  from affinity_jax import io as aio
-
-  layers: dict[str, list[str]] = {}
-  for name in arrays:
-    layer, weight = name.split("/")
-    layers.setdefault(layer, []).append(weight)
-  buf = io.BytesIO()
-  with h5py.File(buf, "w") as f:
-    f.attrs["layer_names"] = [n.encode() for n in layers]
-    for layer, weights in layers.items():
-      g = f.create_group(layer)
-      g.attrs["weight_names"] = [f"{layer}/{w}:0".encode() for w in weights]
-      for w in weights:
-        g.create_dataset(f"{layer}/{w}:0", data=arrays[f"{layer}/{w}"])
-  aio.write_bytes(path, buf.getvalue())

@@ -86,20 +86,3 @@ def load_params(path: str) -> dict[str, np.ndarray]:
   if n_names != n:
     raise UserError(f"{path}: {n} arrays but {n_names} names")
   return dict(zip(names, arrays))
-
-
-def save_params(path: str, arrays: dict[str, np.ndarray]) -> None:
-  """Writes {name: array} in the V2 `mx.nd.save` format (test fixtures, exporting)."""
-  from affinity_jax import io as aio
-
-  flags = {np.dtype(v): k for k, v in DTYPES.items()}
-  out = [struct.pack("<QQQ", LIST_MAGIC, 0, len(arrays))]
-  for arr in arrays.values():
-    arr = np.asarray(arr, order="C")
-    out.append(struct.pack("<IiI", V2, 0, arr.ndim) + struct.pack(f"<{arr.ndim}q", *arr.shape))
-    out.append(struct.pack("<iii", 1, 0, flags[arr.dtype]) + arr.tobytes())
-  out.append(struct.pack("<Q", len(arrays)))
-  for name in arrays:
-    b = name.encode()
-    out.append(struct.pack("<Q", len(b)) + b)
-  aio.write_bytes(path, b"".join(out))

@@ -9,8 +9,7 @@ Both container formats are handled:
 
 Unpickling is restricted to the handful of globals a state dict needs
 (OrderedDict, the tensor rebuild functions and storage types); anything else is
-refused, so a file cannot run code. `save_state_dict` writes either format with
-the same names/shapes torch would (used by the tests to make fixtures).
+refused, so a file cannot run code.
 """
 
 import collections
@@ -188,87 +187,3 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   if not isinstance(obj, dict) or not all(isinstance(v, np.ndarray) for v in obj.values()):
     raise UserError(f"{path}: does not hold a state dict of tensors")
   return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-# ----- writer (test fixtures, and handy for exporting) -----
-
-class _PickleWriter:
-  """Emits protocol-2 pickle opcodes for an OrderedDict of tensors by hand, so no
-  torch classes are needed to name torch's globals."""
-
-  _STORAGE_NAMES = {np.dtype(v): k for k, v in _STORAGE_DTYPES.items() if v is not None}
-
-  def __init__(self, legacy: bool):
-    self.out, self.legacy = bytearray(b"\x80\x02"), legacy
-
-  def global_(self, module: str, name: str):
-    self.out += b"c" + module.encode() + b"\n" + name.encode() + b"\n"
-
-  def str_(self, s: str):
-    b = s.encode()
-    self.out += b"X" + struct.pack("<I", len(b)) + b
-
-  def int_(self, i: int):
-    self.out += b"J" + struct.pack("<i", i)
-
-  def tuple_(self, ints):
-    self.out += b"("
-    for i in ints:
-      self.int_(i)
-    self.out += b"t"
-
-  def tensor(self, key: str, arr: np.ndarray):
-    self.global_("torch._utils", "_rebuild_tensor_v2")
-    self.out += b"("
-    self.out += b"("  # Persistent id tuple.
-    self.str_("storage")
-    self.global_("torch", self._STORAGE_NAMES[arr.dtype])
-    self.str_(key)
-    self.str_("cpu")
-    self.int_(arr.size)
-    if self.legacy:
-      self.out += b"N"
-    self.out += b"tQ"
-    self.int_(0)
-    self.tuple_(arr.shape)
-    strides = [int(np.prod(arr.shape[i + 1:])) for i in range(arr.ndim)]
-    self.tuple_(strides)
-    self.out += b"\x89"  # requires_grad=False
-    self.global_("collections", "OrderedDict")
-    self.out += b")R"
-    self.out += b"tR"
-
-  def state_dict(self, tensors: dict[str, np.ndarray]) -> bytes:
-    self.global_("collections", "OrderedDict")
-    self.out += b")R("
-    for i, (name, arr) in enumerate(tensors.items()):
-      self.str_(name)
-      self.tensor(str(i), arr)
-    self.out += b"u."
-    return bytes(self.out)
-
-
-def save_state_dict(path: str, tensors: dict[str, np.ndarray], *, legacy: bool = False) -> None:
-  """Writes {name: array} as a PyTorch state dict (zip format, or legacy)."""
-  from affinity_jax import io as aio
-
-  tensors = {k: np.asarray(v, order="C") for k, v in tensors.items()}
-  data = _PickleWriter(legacy).state_dict(tensors)
-  buf = io.BytesIO()
-  if legacy:
-    for obj in (_LEGACY_MAGIC, _LEGACY_PROTOCOL,
-                {"protocol_version": _LEGACY_PROTOCOL, "little_endian": True,
-                 "type_sizes": {"short": 2, "int": 4, "long": 4}}):
-      pickle.dump(obj, buf, protocol=2)
-    buf.write(data)
-    pickle.dump([str(i) for i in range(len(tensors))], buf, protocol=2)
-    for arr in tensors.values():
-      buf.write(struct.pack("<q", arr.size))
-      buf.write(arr.tobytes())
-  else:
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
-      zf.writestr("archive/data.pkl", data)
-      zf.writestr("archive/version", "3\n")
-      for i, arr in enumerate(tensors.values()):
-        zf.writestr(f"archive/data/{i}", arr.tobytes())
-  aio.write_bytes(path, buf.getvalue())
