@@ -214,5 +214,5 @@ def training_curves(path: str, metrics: Mapping[str, str], *, cell_in: float = 3
       top.set_ylabel("loss")
       bottom.set_ylabel("learning rate")
   fig.tight_layout()
-  _save(fig, path, dpi)
+  save_figure(fig, path, dpi)
   return list(runs)
