@@ -37,6 +37,7 @@ from affinity_jax.errors import UserError
 # What may change between runs in one workdir: keys that change neither what has been
 # computed nor how an interrupted stage resumes. By last name: run length (to extend
 # training), logging, checkpoint frequency and retention.
+CONFIG_FILE = "config.json"  # In every workdir: the config that wrote it.
 FREE_LEAVES = frozenset({"steps", "log_every", "ckpt_every", "keep", "progress"})
 # By full name: the CRF's worker processes (each image's labels do not depend on them).
 FREE_KEYS = frozenset({"crf.num_workers"})
@@ -229,6 +230,38 @@ def _free(key: str) -> bool:
           or key.split(".", 1)[0] in FREE_GROUPS)
 
 
+def _read_record(path: str) -> dict:
+  """`{"config_name", "config"}` from a workdir's config file."""
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path}: not a config written by affinity_jax ({e}); use another "
+                    "--workdir") from None
+  if not (isinstance(saved, dict) and isinstance(saved.get("config"), dict)
+          and isinstance(saved.get("config_name"), str)):
+    raise UserError(f"{path}: not a config written by affinity_jax (no config_name and "
+                    "config); use another --workdir")
+  return saved
+
+
+def workdir_config(workdir: str) -> tuple[str, ml_collections.ConfigDict]:
+  """The config that wrote `workdir`: (its name, the locked config, tuples restored)."""
+  saved = _read_record(os.path.join(workdir, CONFIG_FILE))
+  config = ml_collections.ConfigDict(_tuples(saved["config"]))
+  config.lock()
+  return saved["config_name"], config
+
+
+def _tuples(value):
+  """JSON lists back to the tuples configs hold."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
 def check_workdir(config: ml_collections.ConfigDict, workdir: str, config_name: str) -> None:
   """Claims `workdir` for this config or checks that it already belongs to it.
 
@@ -238,17 +271,12 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, config_name: 
   Raises:
     UserError: the workdir was written by a config that differs in another key.
   """
-  path = os.path.join(workdir, "config.json")
+  path = os.path.join(workdir, CONFIG_FILE)
   current = _jsonable(config)
   record = {"config_name": config_name, "config": current}
   if os.path.exists(path):
-    try:
-      with open(path) as f:
-        saved = json.load(f)
-      saved_name, saved_config = saved["config_name"], saved["config"]
-    except (ValueError, KeyError, TypeError):
-      raise UserError(f"{path} is not a config written by affinity_jax; use another "
-                      "--workdir") from None
+    saved = _read_record(path)
+    saved_name, saved_config = saved["config_name"], saved["config"]
     old, new = flatten(saved_config), flatten(current)
     differing = sorted(k for k in set(old) | set(new)
                        if old.get(k, "<missing>") != new.get(k, "<missing>") and not _free(k))

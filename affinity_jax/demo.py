@@ -12,18 +12,16 @@ stored image shows exactly what the stage stored.
 
 import dataclasses
 import functools
-import json
 from typing import Mapping, Sequence
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from affinity_jax import config_lib
+from affinity_jax import constants
 from affinity_jax.data import transforms
 from affinity_jax.errors import UserError
 from affinity_jax.evaluation import plots
-from affinity_jax import constants
 from affinity_jax.inference import STRIDE
 from affinity_jax.inference import cam
 from affinity_jax.inference import walk
@@ -32,7 +30,6 @@ from affinity_jax.ops import cam as cam_ops
 from affinity_jax.stages import common
 from affinity_jax.stages import pipeline
 from affinity_jax.training import mesh as mesh_lib
-from affinity_jax.workdir import Workdir
 
 # Right and down neighbours: the edge map shows 1 - the weaker of the two affinities.
 EDGE_OFFSETS = np.array([[0, 1], [1, 0]], np.int32)
@@ -69,27 +66,10 @@ def open_workdir(workdir: str, run: bool = True) -> common.Context:
     run: run the stages whose outputs are missing (finished ones are skipped); False
       only opens the workdir and writes nothing (for reading a run still in progress).
   """
-  path = Workdir(workdir).config
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-    name, values = saved["config_name"], saved["config"]
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise UserError(f"{path}: not a workdir written by affinity_jax ({e})") from None
-  config = ml_collections.ConfigDict(_tuples(values))
-  config.lock()
+  name, config = config_lib.workdir_config(workdir)
   if not run:
     return common.Context(config, workdir, mesh_lib.make_mesh())
   return pipeline.run(config, name, workdir)
-
-
-def _tuples(value):
-  """JSON lists back to the tuples configs hold."""
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  return value
 
 
 def image_ids(ctx: common.Context, split: str | None = None) -> list[str]:

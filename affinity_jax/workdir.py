@@ -21,11 +21,12 @@ import os
 
 import numpy as np
 
+from affinity_jax import config_lib
 from affinity_jax import io
 from affinity_jax.errors import UserError
 from affinity_jax.labels import store as crf_format
 
-CONFIG = "config.json"
+CONFIG = config_lib.CONFIG_FILE
 DATASETS = "tfds"
 CHECKPOINT = "ckpt"   # The sub-folder `training.loop` writes (it names it itself).
 KINDS = ("cam", "aff", "seg")

@@ -140,6 +140,18 @@ def test_workdir_guard(config_file, tmp_path):
     config_lib.check_workdir(other, workdir, "exp2")
 
 
+def test_workdir_config_reads_back_what_the_guard_wrote(config_file, tmp_path):
+  workdir = str(tmp_path / "w")
+  config = config_lib.load_config(config_file)
+  config_lib.check_workdir(config, workdir, "exp")
+  name, saved = config_lib.workdir_config(workdir)
+  assert name == "exp" and saved.to_dict() == config.to_dict()
+  (tmp_path / "w" / "config.json").write_text('{"config": 3}')
+  with pytest.raises(UserError, match=r"config\.json: not a config written by affinity_jax"):
+    config_lib.workdir_config(workdir)
+  with pytest.raises(UserError, match=r"config\.json: not a config written"):
+    config_lib.workdir_config(str(tmp_path / "missing"))
+
 
 def test_worker_counts_within_a_workdir(tmp_path):
   """CRF workers may change; grain workers may not: a resumed stream needs the same count."""

@@ -109,28 +109,6 @@ def latest_step(workdir: str, config: Any) -> int | None:
     return ckpt.latest_step()
 
 
-def restore_model(model: nnx.Module, config: Any, workdir: str,
-                  frozen_prefixes: Sequence[str] = (),
-                  mesh: jax.sharding.Mesh | None = None) -> int | None:
-  """Loads the newest checkpoint `train` wrote in `workdir` into `model` (for inference).
-
-  Returns:
-    The checkpoint's step, or None (model unchanged) when there is no checkpoint.
-  """
-  mesh = mesh_lib.make_mesh() if mesh is None else mesh
-  _, params, _, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
-  params, rest = _pure(params), _pure(rest)
-  tx = optim.make_optimizer(params, config, frozen_prefixes)
-  _, abstract = _state_fns(tx, params, rest, mesh_lib.replicated(mesh))
-  with _checkpointer(workdir, config) as ckpt:
-    step = ckpt.latest_step()
-    if step is None:
-      return None
-    state, _ = ckpt.restore(abstract, step)
-  nnx.update(model, nnx.State(state["params"]), nnx.State(state["rest"]))
-  return step
-
-
 def _restore_or_init(ckpt: Checkpointer, tx: optax.GradientTransformation, params: dict,
                      rest: dict, batches: BatchIterator, mesh: jax.sharding.Mesh
                      ) -> tuple[dict, int]:
