@@ -80,7 +80,7 @@ def read_lock(text: str) -> list[Pin]:
     if not raw[0].isspace() and not stripped.startswith("#"):
       name = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", stripped).group(0)
       pins.append(Pin(normalise(name), stripped, ()))
-    elif pins and stripped.startswith("#"):
+    elif pins and raw[0].isspace() and stripped.startswith("#"):
       # "# via x" holds one item; "# via" alone is followed by "#   x" lines.
       item = stripped[1:].strip()
       if item.startswith("via"):

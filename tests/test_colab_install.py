@@ -52,6 +52,7 @@ rich==15.0.0
     # via
     #   flax
     #   -r requirements-dev.txt
+# a comment of our own
 ipykernel==7.4.0
     # via -r requirements-dev.txt
 """
@@ -59,6 +60,7 @@ ipykernel==7.4.0
   assert [p.name for p in pins] == ["appnope", "flax", "rich", "ipykernel"]
   assert pins[0].line == "appnope==1.0.0 ; sys_platform == 'darwin'"
   assert pins[2].via == ("flax", "-r requirements-dev.txt")
+  assert pins[3].via == ("-r requirements-dev.txt",)
   assert [p.name for p in install.runtime_pins(pins)] == ["flax", "rich"]
 
 
