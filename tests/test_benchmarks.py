@@ -39,6 +39,18 @@ def test_pipeline_benchmark_writes_rows_and_verdict(tmp_path):
   assert {"total_hours", "rw_share", "crf_share", "rw_or_crf_is_bottleneck"} <= set(result)
 
 
+def test_pipeline_benchmark_infer_cam_row_has_the_forwards_and_ratios(tmp_path):
+  out = tmp_path / "pipeline.json"
+  pipeline.main(["--backbone=tiny", "--image=40x56", "--repeats=1", "--stages=infer_cam",
+                 f"--out={out}"])
+  (row,) = json.loads(out.read_text())["rows"]
+  assert ROW_KEYS <= set(row) and row["stage"] == "infer_cam"
+  assert row["forwards_ms_per_image"] > 0 and row["forwards_cpu_ms_per_image"] > 0
+  assert math.isclose(row["ratio_wall"], row["ms_per_image"] / row["forwards_ms_per_image"])
+  assert math.isclose(row["ratio_cpu"],
+                      row["cpu_ms_per_image"] / row["forwards_cpu_ms_per_image"])
+
+
 def test_pipeline_summary_uses_the_pools():
   rows = [_row("train_cam", "448x448 crops, sgd", 100.0, batch=16),
           _row("crf", "375x500, 2+1 labels, 1 process", 1.0),

@@ -5,6 +5,7 @@ import functools
 import jax
 import numpy as np
 
+from affinity_jax.inference import cam as cam_inference
 from affinity_jax.ops import cam
 
 
@@ -71,6 +72,27 @@ def test_merge_matches_numpy():
   want_lab = np.argmax(np.concatenate([np.full(got.shape[:-1] + (1,), 0.2), got], -1), -1)
   np.testing.assert_array_equal(lab, want_lab)
   assert lab.dtype == np.uint8 and set(np.unique(lab)) <= {0} | set(np.nonzero(labels)[1] + 1)
+
+
+def test_host_merge_of_present_classes_matches_numpy_and_the_jitted_merge():
+  rng = np.random.default_rng()
+  size = (37, 50)
+  plan = cam.pass_plan(*size)
+  cams = [rng.uniform(size=(p.padded[0] // 8 + 1, p.padded[1] // 8 + 2, 20))
+          .astype(np.float32) for p in plan]   # Extra cells: padding past the multiple.
+  present = np.array([2, 4, 17])
+  got = cam_inference.merge_present([c[..., present] for c in cams], plan, size)
+  assert got.shape == (*size, 3) and got.dtype == np.float32
+  total = 0
+  for c, p in zip(cams, plan):
+    up = _np_resize(c[..., present].astype(np.float64), *size, p.size[0] / 8, p.size[1] / 8)
+    total = total + (up[:, ::-1] if p.flip else up)
+  np.testing.assert_allclose(got, total / (total.max(axis=(0, 1)) + 1e-5), atol=1e-5)
+  labels = np.zeros((1, 20), np.float32)
+  labels[0, present] = 1
+  merge = jax.jit(functools.partial(cam.merge_cams, plan=tuple(plan), size=size))
+  want = np.asarray(merge([c[None] for c in cams], labels=labels))[0]
+  np.testing.assert_allclose(cam_inference.full_cams(got, present + 1), want, atol=1e-5)
 
 
 def test_flip_pass_is_unflipped():

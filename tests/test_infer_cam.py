@@ -17,14 +17,13 @@ def test_batched_cams_over_8_devices_equal_one_image_at_a_time():
                    labels=(rng.random(20) < 0.3).astype(np.uint8)) for _ in range(3)]
   scales = (1.0, 0.5)
   norm = model.backbone.normalization
-  merge = cam_inference.jitted_merge()
   forward, state = cam_inference.classifier_forward(model, mesh_lib.make_mesh())
   # 3 images x 2 flips = 6 inputs per scale, padded to 8 and split over 8 devices.
   assert len(jax.tree.leaves(state)[0].sharding.device_set) == 8
-  got = cam_inference.batched_cams(forward, state, merge, examples, norm, scales)
+  got = cam_inference.batched_cams(forward, state, examples, norm, scales)
   forward1, state1 = cam_inference.classifier_forward(model)
   for example, cams in zip(examples, got):
-    want = cam_inference.multiscale_cams(forward1, state1, merge, example, norm, scales)
+    want = cam_inference.multiscale_cams(forward1, state1, example, norm, scales)
     assert cams.shape == (40, 56, 20)
     np.testing.assert_allclose(cams, want, atol=1e-5)
     absent = example["labels"] == 0

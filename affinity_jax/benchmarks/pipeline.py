@@ -9,8 +9,10 @@ Each stage runs the code the pipeline runs, on random inputs of the spec's sizes
     state, data-sharded batch over all devices) with the stage's loss function and the
     real optimiser (parameter groups, poly schedule, momentum) of `defaults.base_config()`,
     on `--crop`^2 crops (448). Random initial weights (speed does not depend on them).
-  - infer_cam: `inference.cam.multiscale_cams` on one `--image` (375x500) image: the 8
-    passes (4 scales x flip, two per call) and the jitted merge, host resizing included.
+  - infer_cam: what the stage does with one `--image` (375x500) image:
+    `inference.cam.multiscale_cams` (host resizing, the 8 passes as 4 forward calls of
+    2 at the stage's padding `data.infer_pad`, the host merge) and the npz stored; and,
+    timed alternately with it, the same 4 forward calls alone (the ratio is printed).
   - crf: `labels.crf.crf_low_high` (two CRFs, 2 classes + background) on one image in
     this process; then `crf.run_pool` with `--crf-workers` processes over
     `--crf-images` images (process start-up included, store files written to a temp dir).
@@ -37,7 +39,9 @@ from flax import nnx
 
 from affinity_jax import defaults
 from affinity_jax import io
+from affinity_jax import workdir
 from affinity_jax.benchmarks import timing
+from affinity_jax.data import pipeline
 from affinity_jax.data import transforms
 from affinity_jax.errors import UserError
 from affinity_jax.inference import STRIDE
@@ -162,21 +166,40 @@ def bench_train(kind: str, loss_fn, backbone: str, batch: int, crop: int, repeat
 # Inference ---------------------------------------------------------------------------
 
 
-def bench_infer_cam(backbone: str, image: np.ndarray, scales, repeats: int) -> dict:
-  """One row: the 8-pass multi-scale CAMs of one image, as the infer_cam stage does."""
+def bench_infer_cam(backbone: str, image: np.ndarray, scales, pad_multiple: int,
+                    repeats: int) -> dict:
+  """One row: the infer_cam stage's work on one image (8-pass CAMs, the npz stored) and
+  its forward calls alone on the same inputs, timed alternately; the ratio of the two is
+  what the stage spends beyond the network."""
   model = heads.CAMNet(backbone, rngs=nnx.Rngs(0))
   forward, state = cam_inference.classifier_forward(model)
-  merge = cam_inference.jitted_merge()
   example = dict(image=image, labels=_labels20())
+  keys = np.flatnonzero(example["labels"]) + 1
   norm = model.backbone.normalization
-  fn = lambda: cam_inference.multiscale_cams(forward, state, merge, example, norm, scales)
+  passes = pipeline.multiscale_inputs(image, norm, scales, flip=True, multiple=pad_multiple)
+  inputs = [jnp.asarray(np.concatenate([passes[i][0], passes[i + 1][0]]))
+            for i in range(0, len(passes), 2)]
+  store = workdir.CamStore(tempfile.mkdtemp())
+
+  def stage():
+    cams = cam_inference.multiscale_cams(forward, state, example, norm, scales,
+                                         pad_multiple)
+    store.save("x", cams[..., keys - 1], keys)
+
   t0 = time.perf_counter()
-  fn()
+  stage()
   compile_s = time.perf_counter() - t0
-  sec, _ = timing.time_call(fn, repeats, warmup=False)
+  jax.block_until_ready([forward(state, x) for x in inputs])
+  t = timing.time_calls_alternately(
+      dict(stage=stage, forwards=lambda: [forward(state, x) for x in inputs]), repeats)
+  (sec, cpu), (fwd_sec, fwd_cpu) = t["stage"], t["forwards"]
   h, w = image.shape[:2]
-  return _row("infer_cam", f"{h}x{w}, {2 * len(scales)} passes", 1, sec, compile_s,
-              "host resize + 4 forward calls of 2 + merge")
+  row = _row("infer_cam", f"{h}x{w}, {2 * len(scales)} passes, pad {pad_multiple}", 1, sec,
+             compile_s, f"forwards alone {fwd_sec * 1e3:,.0f} ms; stage / forwards "
+             f"{sec / fwd_sec:.2f} wall, {cpu / fwd_cpu:.2f} CPU")
+  return dict(row, forwards_ms_per_image=fwd_sec * 1e3, cpu_ms_per_image=cpu * 1e3,
+              forwards_cpu_ms_per_image=fwd_cpu * 1e3, ratio_wall=sec / fwd_sec,
+              ratio_cpu=cpu / fwd_cpu)
 
 
 def bench_crf(image: np.ndarray, cams: np.ndarray, workers: int, num_images: int,
@@ -372,7 +395,8 @@ def main(argv=None):
       new = [bench_train(kind, loss_fns[kind], a.backbone, getattr(a, f"{kind}_batch"),
                          a.crop, a.repeats, mesh)]
     elif stage == "infer_cam":
-      new = [bench_infer_cam(a.backbone, image, tuple(base.cam.scales), a.repeats)]
+      new = [bench_infer_cam(a.backbone, image, tuple(base.cam.scales),
+                             base.data.infer_pad, a.repeats)]
     elif stage == "crf":
       new = bench_crf(image, cams, a.crf_workers, a.crf_images or 4 * a.crf_workers,
                       a.repeats)

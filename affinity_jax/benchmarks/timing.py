@@ -1,6 +1,7 @@
 """Timing helpers shared by the benchmark scripts."""
 
 import platform
+import resource
 import statistics
 import time
 from typing import Any, Callable
@@ -28,6 +29,33 @@ def time_call(fn: Callable[[], Any], repeats: int, warmup: bool = True) -> tuple
     out = jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
   return statistics.median(times), out
+
+
+def time_calls_alternately(fns: dict[str, Callable[[], Any]],
+                           repeats: int) -> dict[str, tuple[float, float]]:
+  """Median wall and process CPU seconds of each `fns[name]()`, the calls taken in
+  turn (a, b, a, b, ...) so that a load that comes and goes meets them alike.
+
+  CPU time is this process's user + system time (all its threads): on a CPU shared
+  with other jobs it moves less than wall time. Each call is waited for with
+  `block_until_ready`; make the warm-up calls before.
+
+  Returns:
+    {name: (median wall seconds, median CPU seconds)}.
+  """
+  times = {name: ([], []) for name in fns}
+  for _ in range(max(1, repeats)):
+    for name, fn in fns.items():
+      c0, t0 = _cpu_seconds(), time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name][0].append(time.perf_counter() - t0)
+      times[name][1].append(_cpu_seconds() - c0)
+  return {name: (statistics.median(w), statistics.median(c)) for name, (w, c) in times.items()}
+
+
+def _cpu_seconds() -> float:
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
 
 
 def device_info() -> dict:

@@ -2,7 +2,8 @@
 
 Channel c (0..19) of a CAM is VOC label id c + 1. An inference stage runs one jitted
 forward per (scale, flip) pass (`pass_plan` gives the input sizes, padded to a multiple
-of 8), then calls the jitted `merge_cams` on the device with the 8 per-pass CAMs.
+of 8), then merges the 8 per-pass CAMs: `merge_cams` here (jittable, all classes), or
+`inference.cam.merge_present` on the host (what the infer_cam stage runs).
 """
 
 import math
