@@ -12,6 +12,7 @@ stored image shows exactly what the stage stored.
 
 import dataclasses
 import functools
+import os
 from typing import Mapping, Sequence
 
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ from affinity_jax import constants
 from affinity_jax.data import transforms
 from affinity_jax.errors import UserError
 from affinity_jax.evaluation import plots
+from affinity_jax.evaluation import report
 from affinity_jax.inference import STRIDE
 from affinity_jax.inference import cam
 from affinity_jax.inference import walk
@@ -291,6 +293,14 @@ def show(panels: Panels | Sequence[Panels], cell_in: float = 2.2):
 
 
 save_figure = plots.save_figure   # (fig from `show`, path, dpi=100): a PNG, atomically.
+
+
+def training_curves(ctx: common.Context) -> str:
+  """The path of the run's training-curves picture, drawn first if the eval stage has not."""
+  path = ctx.files.reports.path(report.CURVES_PNG)
+  if not os.path.exists(path):
+    plots.training_curves(path, ctx.files.training_logs())
+  return path
 
 
 def results_markdown(ctx: common.Context) -> str:

@@ -28,7 +28,8 @@ from affinity_jax.labels import store as crf_format
 
 CONFIG = config_lib.CONFIG_FILE
 DATASETS = "tfds"
-CHECKPOINT = "ckpt"   # The sub-folder `training.loop` writes (it names it itself).
+CHECKPOINT = "ckpt"   # The sub-folder `training.loop` writes (it names it itself),
+METRICS = "metrics.jsonl"  # and its metrics log.
 KINDS = ("cam", "aff", "seg")
 
 
@@ -113,6 +114,7 @@ class CheckpointStore:
     self.kind = kind
     self.directory = os.path.join(root, kind)
     self.checkpoints = os.path.join(self.directory, CHECKPOINT)
+    self.metrics = os.path.join(self.directory, METRICS)
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint's step (None when there is none)."""
@@ -204,6 +206,10 @@ class Workdir:
   def checkpoints(self, kind: str) -> CheckpointStore:
     """The training folder of network `kind` ("cam", "aff" or "seg")."""
     return CheckpointStore(self.root, kind)
+
+  def training_logs(self) -> dict[str, str]:
+    """{network kind: its metrics.jsonl} for every trained network (some may not exist)."""
+    return {kind: self.checkpoints(kind).metrics for kind in KINDS}
 
   def pseudo_labels(self, dcrf: bool) -> LabelStore:
     """The labels the segmentation net trains on: `rw_crf` with `rw.dcrf`, else `rw`."""

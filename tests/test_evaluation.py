@@ -10,6 +10,7 @@ from PIL import Image
 from affinity_jax import constants
 from affinity_jax.evaluation import confusion, plots, report
 from affinity_jax.ops import metrics
+from affinity_jax.workdir import Workdir
 
 
 def _split(seed, n=4, noise=0.2):
@@ -166,12 +167,13 @@ def test_report_links_the_training_curves_of_its_workdir(tmp_path):
   _metrics_log(str(workdir / "cam" / "metrics.jsonl"), 20)
   _metrics_log(str(workdir / "seg" / "metrics.jsonl"), 20)
   out = str(workdir / "eval")
-  report.write(out, {"CAM": confusion.accumulate(_split(0))}, echo=False)
+  report.write(out, {"CAM": confusion.accumulate(_split(0))}, echo=False,
+               curves=Workdir(str(workdir)).training_logs())
   md = (workdir / "eval" / "results.md").read_text()
   assert "## Training curves" in md and "![training curves](training_curves.png)" in md
   assert "of cam, seg," in md
   assert Image.open(workdir / "eval" / "training_curves.png").size[0] > 0
-  # A report with no training logs beside it says nothing about curves.
+  # A report given no training logs says nothing about curves.
   report.write(str(tmp_path / "alone"), {"CAM": confusion.accumulate(_split(0))}, echo=False)
   assert "Training curves" not in (tmp_path / "alone" / "results.md").read_text()
   assert not (tmp_path / "alone" / "training_curves.png").exists()

@@ -19,14 +19,7 @@ from affinity_jax.evaluation import plots
 from affinity_jax.ops import metrics
 
 # The trained networks, each with `<workdir>/<name>/metrics.jsonl`, in pipeline order.
-TRAINED = ("cam", "aff", "seg")
 CURVES_PNG = "training_curves.png"
-
-
-def training_logs(out_dir: str) -> dict[str, str]:
-  """{network: its metrics.jsonl} for a report written in `<workdir>/eval`."""
-  workdir = os.path.dirname(os.path.abspath(out_dir))
-  return {name: os.path.join(workdir, name, "metrics.jsonl") for name in TRAINED}
 
 
 def summarize(cms: Mapping[str, np.ndarray], names: Sequence[str] = LABEL_NAMES) -> dict:
@@ -90,8 +83,8 @@ def write(out_dir: str, cms: Mapping[str, np.ndarray], *, only_present: bool = F
     labels: optional `label_quality.summarize` numbers of the affinity labels; stored
       under "affinity_labels" and shown as a second table.
     curves: {network: metrics.jsonl path} whose loss and learning rate are drawn in
-      `<out_dir>/training_curves.png` and shown in results.md (default: the workdir's
-      training folders, `training_logs(out_dir)`; missing logs are left out).
+      `<out_dir>/training_curves.png` and shown in results.md (e.g. the workdir's
+      `Workdir.training_logs()`; missing logs are left out; default none).
 
   Returns:
     The `summarize` dict that went into results.json.
@@ -108,8 +101,7 @@ def write(out_dir: str, cms: Mapping[str, np.ndarray], *, only_present: bool = F
     md += ("\n## Affinity labels against the true masks\n\n"
            "What AffinityNet learns from (the CRF labels of the scored images, whole "
            "images, no crop): see docs/evaluation.md.\n\n" + labels_text + "\n")
-  drawn = plots.training_curves(os.path.join(out_dir, CURVES_PNG),
-                                training_logs(out_dir) if curves is None else curves)
+  drawn = plots.training_curves(os.path.join(out_dir, CURVES_PNG), curves or {})
   if drawn:
     md += ("\n## Training curves\n\n"
            f"Loss (per step and its running mean) and learning rate of {', '.join(drawn)}, "

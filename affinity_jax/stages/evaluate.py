@@ -52,7 +52,8 @@ def run(ctx: common.Context) -> dict:
   title = (f"{c.data.name}: pseudo masks on {c.data.eval_split}"
            + (f", segmentation net on {c.data.seg_eval_split}" if c.seg.enabled else ""))
   return report.write(files.reports.directory, cms, only_present=c.data.name == "scenes",
-                      title=title, names=names, labels=labels)
+                      title=title, names=names, labels=labels,
+                      curves=files.training_logs())
 
 
 def cam_methods(ctx: common.Context, ids: list[str], gt) -> dict:
