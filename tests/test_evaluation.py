@@ -177,3 +177,20 @@ def test_report_links_the_training_curves_of_its_workdir(tmp_path):
   report.write(str(tmp_path / "alone"), {"CAM": confusion.accumulate(_split(0))}, echo=False)
   assert "Training curves" not in (tmp_path / "alone" / "results.md").read_text()
   assert not (tmp_path / "alone" / "training_curves.png").exists()
+
+
+def test_cam_baselines_report_the_configured_and_the_best_threshold(capsys):
+  rng = np.random.default_rng(0)
+  gt = np.zeros((16, 16), np.uint8)
+  gt[4:12, 4:12] = 3
+  cams = np.zeros((16, 16, 20), np.float32)
+  cams[..., 2] = np.where(gt == 3, 0.55, 0.35) + rng.uniform(-0.05, 0.05, (16, 16))
+  pairs = [(cams, gt)] * 2
+  out = confusion.cam_baselines(pairs, 0.15, (0.15, 0.45, 0.7))
+  assert list(out) == ["CAM", "CAM (best t=0.45)"]
+  expected = confusion.cam_thresholds(pairs, (0.15, 0.45))
+  np.testing.assert_array_equal(out["CAM"], expected[0.15])
+  np.testing.assert_array_equal(out["CAM (best t=0.45)"], expected[0.45])
+  assert metrics.mean_iou(out["CAM (best t=0.45)"]) == 1.0
+  assert "0.45: 100.0" in capsys.readouterr().out
+  assert list(confusion.cam_baselines(pairs, 0.15)) == ["CAM"]

@@ -1,7 +1,7 @@
 """Confusion matrices accumulated over a split, one per method, from lazily loaded pairs."""
 
 import os
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -67,3 +67,27 @@ def cam_thresholds(pairs: Iterable[tuple[np.ndarray, np.ndarray]],
     for t in cms:
       cms[t] = cms[t] + metrics.confusion_np(np.asarray(cam_ops.cam_label_map(cams, t)), gt)
   return cms
+
+
+def cam_baselines(pairs: Iterable[tuple[np.ndarray, np.ndarray]], threshold: float,
+                  sweep: Sequence[float] = ()) -> dict[str, np.ndarray]:
+  """The CAM-only rows of a report: at `threshold` and at the best threshold of `sweep`.
+
+  Args:
+    pairs: as `cam_thresholds`.
+    threshold: the configured background score (`eval.cam_threshold`).
+    sweep: thresholds to also score (`eval.cam_sweep`); the best by mIoU is reported
+      so the CAM baseline is not judged by a threshold that suits it badly.
+
+  Returns:
+    {"CAM": cm} plus, with a sweep, {"CAM (best t=..)": cm}.
+  """
+  cms = cam_thresholds(pairs, dict.fromkeys((threshold,) + tuple(sweep)))
+  out = {"CAM": cms[threshold]}
+  if sweep:
+    mious = {t: metrics.mean_iou(cms[t]) for t in sweep}
+    best = max(mious, key=mious.get)
+    out[f"CAM (best t={best:g})"] = cms[best]
+    print("CAM mIoU by background threshold: "
+          + ", ".join(f"{t:g}: {100 * m:.1f}" for t, m in mious.items()), flush=True)
+  return out

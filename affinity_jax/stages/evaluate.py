@@ -12,7 +12,6 @@ from affinity_jax.evaluation import label_quality
 from affinity_jax.evaluation import plots
 from affinity_jax.evaluation import report
 from affinity_jax.inference import cam
-from affinity_jax.ops import metrics
 from affinity_jax.ops import neighbors
 from affinity_jax.progress import Progress
 from affinity_jax.stages import common
@@ -57,17 +56,8 @@ def run(ctx: common.Context) -> dict:
 
 
 def cam_methods(ctx: common.Context, ids: list[str], gt) -> dict:
-  """CAM-only labels at `eval.cam_threshold` and, with `eval.cam_sweep`, at the sweep's
-  best threshold: {"CAM": cm, "CAM (best t=..)": cm}."""
-  c = ctx.config.eval
+  """CAM-only labels at `eval.cam_threshold` and at `eval.cam_sweep`'s best threshold."""
   pairs = ((cam.full_cams(*ctx.files.cams.load(i)), gt(i))
            for i in Progress(ids, desc="CAM", unit="img"))
-  cms = confusion.cam_thresholds(pairs, dict.fromkeys((c.cam_threshold,) + tuple(c.cam_sweep)))
-  out = {"CAM": cms[c.cam_threshold]}
-  if c.cam_sweep:
-    mious = {t: metrics.mean_iou(cms[t]) for t in c.cam_sweep}
-    best = max(mious, key=mious.get)
-    out[f"CAM (best t={best:g})"] = cms[best]
-    print("CAM mIoU by background threshold: "
-          + ", ".join(f"{t:g}: {100 * m:.1f}" for t, m in mious.items()), flush=True)
-  return out
+  c = ctx.config.eval
+  return confusion.cam_baselines(pairs, c.cam_threshold, c.cam_sweep)
