@@ -188,8 +188,13 @@ class GlobalBatches:
                                          drop_remainder=True))
     if worker_count > 0:
       _absl_flags_parsed()
+    # Records are read inline: grain's defaults (16 reader threads, 500 records ahead)
+    # suit remote disks; on local array_record files their threads and buffer polling
+    # took cores from the train step (embedded train_aff: 4.75 -> 5.98 steps/s on
+    # 2 cores, the same batches).
     self._loader = grain.DataLoader(
         data_source=source, sampler=sampler, worker_count=worker_count,
+        read_options=grain.ReadOptions(num_threads=0, prefetch_buffer_size=0),
         operations=[transform, grain.Batch(self.local_batch_size, drop_remainder=drop_remainder)])
     self.steps_per_epoch = (len(source) // self.process_count) // self.local_batch_size
     self._it = iter(self._loader)
