@@ -18,6 +18,7 @@ from affinity_jax import constants
 from affinity_jax.errors import UserError
 from affinity_jax.models import heads
 from affinity_jax.inference import walk
+from affinity_jax.stages import common
 from affinity_jax.stages import pipeline
 from affinity_jax.training import mesh as mesh_lib
 
@@ -166,6 +167,14 @@ def test_inference_before_training_says_what_to_run(tmp_path):
   config = config_lib.load_config("configs/scenes.py:tiny")
   with pytest.raises(UserError, match="--mode=train_cam"):
     pipeline.run(config, "configs/scenes.py:tiny", str(tmp_path), mode="infer_cam")
+
+
+def test_aff_level_stages_on_a_backbone_without_them_is_one_line(tmp_path):
+  config = config_lib.load_config("configs/scenes.py:tiny", {"aff.level_stages": "(2, 5)"})
+  ctx = common.Context(config, str(tmp_path), mesh_lib.make_mesh())
+  with pytest.raises(UserError, match=r"backbone: bad options \{'level_stages': \(2, 5\)\} "
+                     r"for 'tiny'"):
+    ctx.make_model("aff", pretrained=False)
 
 
 @pytest.mark.skipif(not os.path.isdir(VOC_SAMPLE), reason="../shared/voc_sample absent")

@@ -80,9 +80,7 @@ class Context:
     cls = {"cam": heads.CAMNet, "aff": heads.AffinityNet, "seg": heads.SegNet}[kind]
     kw = dict(dilation=self.config.seg.head_dilation) if kind == "seg" else {}
     if kind == "aff" and self.config.aff.level_stages:
-      if self.config.model.backbone != "lite0":
-        raise UserError(f"aff.level_stages: only the lite0 backbone has it, not "
-                        f"{self.config.model.backbone!r}")
+      # Only Lite0 takes it; `build_backbone` turns the option into a UserError otherwise.
       kw = dict(level_stages=tuple(self.config.aff.level_stages))
     model = cls(self.config.model.backbone, rngs=nnx.Rngs(self.config.seed),
                 norm=self.config.model.norm, **kw)
