@@ -18,7 +18,6 @@ from affinity_jax.evaluation import label_quality
 from affinity_jax.evaluation import plots
 from affinity_jax.ops import metrics
 
-# The trained networks, each with `<workdir>/<name>/metrics.jsonl`, in pipeline order.
 CURVES_PNG = "training_curves.png"
 
 
