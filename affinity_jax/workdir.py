@@ -28,8 +28,8 @@ from affinity_jax.labels import store as crf_format
 
 CONFIG = config_lib.CONFIG_FILE
 DATASETS = "tfds"
-CHECKPOINT = "ckpt"   # The sub-folder `training.loop` writes (it names it itself),
-METRICS = "metrics.jsonl"  # and its metrics log.
+CHECKPOINT = "ckpt"         # In a training folder: what `training.loop` writes there,
+METRICS = "metrics.jsonl"  # the checkpoints and the metrics log.
 KINDS = ("cam", "aff", "seg")
 
 

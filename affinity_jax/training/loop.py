@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 from affinity_jax import io
+from affinity_jax import workdir as workdir_layout
 from affinity_jax.errors import UserError
 from affinity_jax.progress import Progress
 from affinity_jax.training import mesh as mesh_lib
@@ -99,7 +100,7 @@ def _state_fns(tx: optax.GradientTransformation, params: dict, rest: dict,
 
 
 def _checkpointer(workdir: str, config: Any) -> Checkpointer:
-  return Checkpointer(os.path.join(workdir, "ckpt"), keep=config.keep,
+  return Checkpointer(os.path.join(workdir, workdir_layout.CHECKPOINT), keep=config.keep,
                       save_every=config.ckpt_every)
 
 
@@ -154,7 +155,7 @@ class _MetricsLog:
     self._pending = None  # (step, metrics, batch size) not written yet.
     self._last_t = time.perf_counter()
     main = jax.process_index() == 0
-    path = os.path.join(workdir, "metrics.jsonl")
+    path = os.path.join(workdir, workdir_layout.METRICS)
     if main:
       _truncate_log(path, start)
     self._file = open(path if main else os.devnull, "a")
