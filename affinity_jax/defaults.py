@@ -73,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
       # Parameter path prefixes kept fixed on top of the backbone's own frozen layers,
       # e.g. ("backbone",) trains only the classifier (the same key in aff and seg).
       frozen=(),
+      # Lite0 only: CAMs of the VOC classes with ImageNet counterparts from the backbone's
+      # ImageNet classifier (models.heads.CAMNet); the spec trains them all (False).
+      imagenet_prior=False,
       train=train_config(steps=9920, lr=0.01, momentum=0.9),
   ))
 

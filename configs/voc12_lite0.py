@@ -72,6 +72,7 @@ def cpu(c):
   c.cam.scales = (0.5, 1.0)
   c.cam.infer_batch = 2
   c.cam.frozen = c.aff.frozen = ("backbone",)
+  c.cam.imagenet_prior = True
   c.cam.train.update(steps=230, lr=0.01, log_every=10, ckpt_every=50)
   c.aff.train.update(steps=600, lr=0.01, log_every=25, ckpt_every=100)
   c.crf.la_alpha, c.crf.ha_alpha = 1.0, 8.0

@@ -34,6 +34,17 @@ def test_cam_from_features():
                              np.sqrt(want), atol=1e-3)
 
 
+def test_grouped_cams_sums_relu_maps_per_group():
+  rng = np.random.default_rng()
+  f = rng.normal(size=(2, 3, 4, 6)).astype(np.float32)
+  w = rng.normal(size=(6, 5)).astype(np.float32)
+  groups = np.zeros((5, 3), np.float32)
+  groups[[0, 1, 2, 3, 4], [2, 0, 2, 0, 1]] = 1
+  maps = np.maximum(np.einsum("bhwc,ck->bhwk", f.astype(np.float64), w), 0)
+  want = np.stack([maps[..., [1, 3]].sum(-1), maps[..., 4], maps[..., [0, 2]].sum(-1)], -1)
+  np.testing.assert_allclose(np.asarray(cam.grouped_cams(f, w, groups)), want, atol=1e-5)
+
+
 def test_pass_plan_pads_to_multiple_of_8():
   plan = cam.pass_plan(37, 50)
   assert [(p.scale, p.flip) for p in plan] == [

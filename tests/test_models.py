@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from affinity_jax import constants
 from affinity_jax.errors import UserError
 from affinity_jax.models import AffinityNet, CAMNet, FrozenStat, SegNet, build_backbone
 from affinity_jax.models import layers
@@ -150,6 +151,41 @@ def test_cams_are_relu_of_classifier_and_vgg_takes_sqrt():
   assert model.classifier.bias is None
   vgg = _abstract(lambda: CAMNet("vgg16", rngs=nnx.Rngs(0)))
   assert vgg.sqrt_cams and not model.sqrt_cams
+
+
+def test_imagenet_prior_cams_sum_the_counterparts_and_keep_person_trained():
+  model = CAMNet("lite0", rngs=nnx.Rngs(0), imagenet_prior=True)
+  x = jax.random.normal(jax.random.key(1), (1, 40, 48, 3))
+  logits, aux = model(x, train=False)
+  f = np.asarray(aux["features"], np.float64)
+  fc = np.asarray(model.backbone.fc.kernel.value, np.float64)   # [1280, 1000]
+  w = np.asarray(model.classifier.kernel.value, np.float64)[0, 0]
+  for c, name in enumerate(constants.VOC_CLASSES):
+    cols = list(constants.IMAGENET_CLASSES[name])
+    want = (np.maximum(f @ fc[:, cols], 0).sum(-1) if cols else np.maximum(f @ w[:, c], 0))
+    np.testing.assert_allclose(aux["cams"][..., c], want, rtol=1e-4, atol=1e-4, err_msg=name)
+  np.testing.assert_allclose(logits, f.mean(axis=(1, 2)) @ w, rtol=1e-4, atol=1e-4)
+  assert "backbone/fc" in model.backbone.frozen_prefixes
+  assert "backbone/fc" not in build_backbone("lite0", rngs=nnx.Rngs(0)).frozen_prefixes
+  for name in ("tiny", "resnet38"):
+    with pytest.raises(UserError, match="imagenet_prior needs the lite0"):
+      _abstract(lambda: CAMNet(name, rngs=nnx.Rngs(0), imagenet_prior=True))
+
+
+def test_imagenet_counterparts_are_disjoint_and_named_as_imagenet_names_them():
+  table = constants.IMAGENET_CLASSES
+  assert tuple(table) == constants.VOC_CLASSES
+  flat = [k for cols in table.values() for k in cols]
+  assert len(flat) == len(set(flat)) and all(0 <= k < 1000 for k in flat)
+  assert [name for name, cols in table.items() if not cols] == ["person"]
+  # Spot checks against ImageNet's own label list (shipped inside tensorflow-datasets).
+  from tensorflow_datasets.datasets.siscore import labels
+  names = labels.IMAGENET_LABELS_LIST
+  for voc, word in [("aeroplane", "airliner"), ("cow", "ox"), ("sheep", "ram"),
+                    ("sofa", "studio couch"), ("cat", "Egyptian cat"), ("dog", "Chihuahua"),
+                    ("tvmonitor", "television"), ("bird", "albatross"), ("bus", "school bus")]:
+    assert any(names[k].startswith(word) for k in table[voc]), (voc, word)
+  assert all("bottle" in names[k] or "jug" in names[k] for k in table["bottle"])
 
 
 def test_affinity_head_initialisation_follows_reference():

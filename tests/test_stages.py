@@ -17,10 +17,12 @@ from affinity_jax import config_lib
 from affinity_jax import constants
 from affinity_jax.errors import UserError
 from affinity_jax.models import heads
+from affinity_jax.models.build import build_backbone
 from affinity_jax.inference import walk
 from affinity_jax.stages import common
 from affinity_jax.stages import pipeline
 from affinity_jax.training import mesh as mesh_lib
+from affinity_jax.weights import load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOC_SAMPLE = os.path.join(REPO, "..", "shared", "voc_sample")
@@ -193,8 +195,10 @@ def test_voc_sample_end_to_end(tmp_path):
 def test_voc_cpu_variant_end_to_end_keeps_the_backbone_and_reports_label_quality(tmp_path):
   # configs/voc12_lite0.py:cpu shrunk (cpu_tiny), on the tiny backbone for speed: the
   # backbones of both trained networks stay as built, only the heads train.
+  # The ImageNet prior needs Lite0's ImageNet layer (next test, and test_models).
   config = config_lib.load_config("configs/voc12_lite0.py:cpu_tiny", {
-      "data.manual_dir": VOC_SAMPLE, "model.backbone": "tiny", "model.pretrained": ""})
+      "data.manual_dir": VOC_SAMPLE, "model.backbone": "tiny", "model.pretrained": "",
+      "cam.imagenet_prior": False})
   assert config.cam.frozen == config.aff.frozen == ("backbone",)
   ctx = pipeline.run(config, "configs/voc12_lite0.py:cpu_tiny", str(tmp_path))
   for kind in ("cam", "aff"):
@@ -210,6 +214,17 @@ def test_voc_cpu_variant_end_to_end_keeps_the_backbone_and_reports_label_quality
   assert quality["images"] == 24 and 0 <= quality["label_map"]["coverage"] <= 1
   assert set(quality["pairs"]) == {"bg_pos", "fg_pos", "neg"}
   assert "Affinity labels against the true masks" in ctx.files.reports.markdown()
+
+
+def test_voc_cpu_classifier_takes_the_packaged_imagenet_layer_for_its_prior(tmp_path):
+  config = config_lib.load_config("configs/voc12_lite0.py:cpu_tiny")
+  assert config.cam.imagenet_prior and config.model.pretrained == "imagenet"
+  ctx = common.Context(config, str(tmp_path), mesh_lib.make_mesh())
+  model = ctx.make_model("cam")
+  imagenet = build_backbone("lite0", rngs=nnx.Rngs(1), classifier=True)
+  load.load_pretrained(imagenet, "imagenet", verbose=False)
+  np.testing.assert_array_equal(model.backbone.fc.kernel.value, imagenet.fc.kernel.value)
+  assert "backbone/fc" in ctx.frozen_prefixes("cam", model)
 
 
 def test_walk_batches_pad_each_image_and_mask_the_rest():

@@ -95,6 +95,8 @@ class EfficientNetLite0(nnx.Module):
     self.conv_head = _conv(320, 1280, 1, rngs=rngs)
     self.bn1 = layers.make_norm(norm, 1280, rngs=rngs, eps=BN_EPS)
     self.fc = nnx.Linear(1280, 1000, rngs=rngs) if classifier else None
+    if classifier:   # The ImageNet layer is only ever used as loaded, never trained.
+      self.frozen_prefixes = self.frozen_prefixes + ("backbone/fc",)
 
   def __call__(self, x: jax.Array, *, train: bool, key: jax.Array | None = None):
     del key  # No dropout inside the backbone.

@@ -7,12 +7,18 @@ masks a pure function of the key, otherwise the modules' own nnx rng streams
 (held in the model state under `rngs` variables) are used.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from affinity_jax import constants
+from affinity_jax.errors import UserError
 from affinity_jax.models import layers
 from affinity_jax.models.build import build_backbone
+from affinity_jax.ops import cam as cam_ops
 
 AFFINITY_DIMS = (64, 128, 256)
 
@@ -29,11 +35,26 @@ class CAMNet(nnx.Module):
   `__call__(x [B,H,W,3], *, train, key=None) -> (logits [B,C], aux)` with
   aux `cams` [B,h,w,C] = relu(w_c . f) (sqrt of it for VGG16) and `features`
   [B,h,w,D]; h, w = ceil(H/8), ceil(W/8).
+
+  With `imagenet_prior=True` (Lite0 only) the backbone keeps its ImageNet classifier
+  `backbone/fc`, frozen, and the CAM of each VOC class that has ImageNet counterparts
+  (`constants.IMAGENET_CLASSES`; all but person) is the sum of their ImageNet CAMs,
+  relu(w_k . f), instead of the trained classifier's; the logits (and so training and
+  predicted image labels) stay the trained classifier's. It is meant with the backbone
+  frozen too (`cam.frozen=("backbone",)`), so that `fc` sees the features it was
+  trained on.
   """
 
   def __init__(self, backbone_name, *, rngs: nnx.Rngs, num_classes: int = 20,
-               norm: str = "frozen", **backbone_kw):
+               norm: str = "frozen", imagenet_prior: bool = False, **backbone_kw):
+    if imagenet_prior:
+      if backbone_name != "lite0" or num_classes != constants.NUM_CLASSES:
+        raise UserError(f"cam.imagenet_prior needs the lite0 backbone and the "
+                        f"{constants.NUM_CLASSES} VOC classes (it maps ImageNet classes to "
+                        f"them), not {backbone_name!r}")
+      backbone_kw["classifier"] = True
     self.backbone, name = _backbone(backbone_name, rngs, norm, backbone_kw)
+    self.imagenet_prior = imagenet_prior
     self.sqrt_cams = name == "vgg16"
     self.dropout7 = layers.channel_dropout(0.5, rngs)
     self.classifier = layers.conv(self.backbone.out_channels, num_classes, 1, rngs=rngs,
@@ -48,7 +69,24 @@ class CAMNet(nnx.Module):
     cams = jax.nn.relu(self.classifier(f))
     if self.sqrt_cams:
       cams = jnp.sqrt(cams)
+    if self.imagenet_prior:
+      columns, groups, has_prior = _imagenet_prior_tables()
+      prior = cam_ops.grouped_cams(f, self.backbone.fc.kernel[...][:, columns], groups)
+      cams = jnp.where(has_prior, prior, cams)
     return logits, {"cams": cams, "features": f}
+
+
+@functools.cache
+def _imagenet_prior_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """`constants.IMAGENET_CLASSES` as arrays: the ImageNet columns used (int [K]), their
+  VOC class (float 0/1 [K, 20]) and which VOC classes have any (bool [20])."""
+  columns, owner = [], []
+  for c, name in enumerate(constants.VOC_CLASSES):
+    columns += constants.IMAGENET_CLASSES[name]
+    owner += [c] * len(constants.IMAGENET_CLASSES[name])
+  groups = np.zeros((len(columns), constants.NUM_CLASSES), np.float32)
+  groups[np.arange(len(columns)), owner] = 1.0
+  return np.asarray(columns), groups, groups.any(axis=0)
 
 
 class AffinityNet(nnx.Module):

@@ -50,6 +50,25 @@ def cam_from_features(features: jnp.ndarray, weights: jnp.ndarray,
   return jnp.sqrt(cam) if sqrt else cam
 
 
+def grouped_cams(features: jnp.ndarray, weights: jnp.ndarray,
+                 groups: jnp.ndarray) -> jnp.ndarray:
+  """CAMs of groups of classes: map_g = sum over classes k of group g of relu(w_k . f).
+
+  Used with an ImageNet classifier's weights to give each VOC class the summed CAMs of
+  the ImageNet classes that are a kind of it (`cam.imagenet_prior`).
+
+  Args:
+    features: [B, h, w, C] backbone features.
+    weights: [C, K] the classifier weights of the K classes that belong to some group.
+    groups: [K, G] 0/1, groups[k, g] = 1 when class k belongs to group g.
+
+  Returns:
+    [B, h, w, G].
+  """
+  cams = jax.nn.relu(jnp.einsum("bhwc,ck->bhwk", features, weights))
+  return jnp.einsum("bhwk,kg->bhwg", cams, groups)
+
+
 def upsample_cam(cam: jnp.ndarray, size: tuple[int, int],
                  valid_size: tuple[int, int] | None = None, stride: int = 8,
                  flip: bool = False) -> jnp.ndarray:

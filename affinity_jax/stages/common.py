@@ -79,6 +79,8 @@ class Context:
     unless `pretrained` is False."""
     cls = {"cam": heads.CAMNet, "aff": heads.AffinityNet, "seg": heads.SegNet}[kind]
     kw = dict(dilation=self.config.seg.head_dilation) if kind == "seg" else {}
+    if kind == "cam" and self.config.cam.imagenet_prior:
+      kw = dict(imagenet_prior=True)
     if kind == "aff" and self.config.aff.level_stages:
       # Only Lite0 takes it; `build_backbone` turns the option into a UserError otherwise.
       kw = dict(level_stages=tuple(self.config.aff.level_stages))
