@@ -9,9 +9,10 @@ from affinity_jax.models import resnet38, vgg16
 from affinity_jax.weights import load, mappings, pytorch
 from affinity_jax.weights.load import load_pretrained
 
+import torch_or_skip
 import weight_files
 
-torch = pytest.importorskip("torch")
+torch = torch_or_skip.import_torch()
 F = torch.nn.functional
 
 
