@@ -16,8 +16,6 @@ library versions. A wrong padding, dilation, stride, ELU or pair order gives err
 the order of the scale (symmetric padding replaced by SAME: 1.9 on CAMs of scale 4.4).
 """
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -27,6 +25,7 @@ from affinity_jax.ops import affinity, neighbors
 from affinity_jax.weights.load import load_pretrained
 
 import torch_or_skip
+import weight_files
 
 torch = torch_or_skip.import_torch()
 nn = torch.nn
@@ -275,22 +274,6 @@ def _forward(model, x):
   return nnx.jit(lambda m, x: m(x, train=False))(model, x)
 
 
-def _nan_model(make):
-  """The model `make()` builds, with every float array NaN.
-
-  Random initialisation of ResNet-38's 105M values costs ~20 s on 2 cores, and the
-  loader overwrites them all; NaN also makes any array it misses show in the outputs.
-  """
-  graphdef, state = nnx.split(nnx.eval_shape(make))
-
-  def fill(s):
-    if jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key):
-      return jax.random.key(0)
-    return np.full(s.shape, np.nan if jnp.issubdtype(s.dtype, jnp.floating) else 0, s.dtype)
-
-  return nnx.merge(graphdef, jax.tree.map(fill, state))
-
-
 # Two images of an odd size: 61 x 83 -> 31 x 42 -> 16 x 21 -> 8 x 11, so the stride-2
 # convs meet both odd and even sizes (symmetric padding, ceil(H / 2) rows, as torch), and
 # the 8 x 11 map leaves the reference's pair region (4 x 3 sources) non-empty.
@@ -319,7 +302,7 @@ def test_resnet38_cam_net_matches_reference(tmp_path, torch_backbone):
     want_logits, want_cams = ref.forward_both(x)
   want_logits, want_cams = want_logits.numpy(), _nhwc(want_cams)
 
-  ours = _nan_model(lambda: CAMNet("resnet38", rngs=nnx.Rngs(0)))
+  ours = weight_files.nan_model(lambda: CAMNet("resnet38", rngs=nnx.Rngs(0)))
   report = load_pretrained(ours, path, verbose=False)
   assert report.kept == [] and report.unused == []
   assert "classifier/kernel" in report.loaded
@@ -344,7 +327,7 @@ def test_resnet38_affinity_net_matches_reference(tmp_path, torch_backbone):
     want_emb, want_aff = ref(x)
   want_emb, want_aff = _nhwc(want_emb), want_aff.numpy()
 
-  ours = _nan_model(lambda: AffinityNet("resnet38", rngs=nnx.Rngs(0)))
+  ours = weight_files.nan_model(lambda: AffinityNet("resnet38", rngs=nnx.Rngs(0)))
   report = load_pretrained(ours, path, verbose=False)
   assert report.kept == [] and report.unused == []
   assert {"f8_3/kernel", "f9/kernel"} <= set(report.loaded)
@@ -374,7 +357,7 @@ def test_vgg16_cam_net_matches_reference(tmp_path):
     want_logits = ref(x).numpy()
     want_cams = _nhwc(ref.forward_cam(x))
 
-  ours = _nan_model(lambda: CAMNet("vgg16", rngs=nnx.Rngs(0)))
+  ours = weight_files.nan_model(lambda: CAMNet("vgg16", rngs=nnx.Rngs(0)))
   report = load_pretrained(ours, path, verbose=False)
   assert report.kept == [] and report.unused == []
   logits, aux = _forward(ours, images)
