@@ -39,15 +39,12 @@ from affinity_jax.errors import UserError
 # training), logging, checkpoint frequency and retention.
 CONFIG_FILE = "config.json"  # In every workdir: the config that wrote it.
 FREE_LEAVES = frozenset({"steps", "log_every", "ckpt_every", "keep", "progress"})
-# By full name: the CRF's worker processes (each image's labels do not depend on them).
-FREE_KEYS = frozenset({"crf.num_workers"})
+# By full name: worker processes. Each image's CRF labels do not depend on the CRF's;
+# a training stage resumes its input stream with the grain worker count saved in its
+# checkpoint, whatever `data.num_workers` (or the host's cores, for -1) says now.
+FREE_KEYS = frozenset({"crf.num_workers", "data.num_workers"})
 # Groups whose every key may change: how processes find each other.
 FREE_GROUPS = ("distributed",)
-# Fixed keys whose reason the refusal states, since nothing computed shows it.
-WHY_FIXED = {
-    "data.num_workers": "a training stage resumes its input stream only with the worker "
-                        "count it was saved with (data/pipeline.py)",
-}
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -282,10 +279,9 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, config_name: 
                        if old.get(k, "<missing>") != new.get(k, "<missing>") and not _free(k))
     if differing:
       key = differing[0]
-      why = f": {WHY_FIXED[key]}" if key in WHY_FIXED else ""
       raise UserError(
           f"workdir {workdir} was written by config {saved_name} ({key}: "
-          f"{old.get(key, '<missing>')!r} there, {new.get(key, '<missing>')!r} now{why}); "
+          f"{old.get(key, '<missing>')!r} there, {new.get(key, '<missing>')!r} now); "
           "use another --workdir")
     if saved == record:
       return

@@ -42,7 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
       label_split="train_aug",   # images that get CAMs, CRF labels and pseudo masks
       eval_split="train",        # pseudo masks scored against ground truth here
       seg_eval_split="val",      # segmentation net scored here
-      num_workers=2,             # grain worker processes for decoding and augmentation
+      # Grain worker processes for decoding and augmentation; -1: one per core of the
+      # host that runs the stage, less one for the main process, at most 16
+      # (data.pipeline.default_worker_count; resolved at run time, never stored).
+      num_workers=-1,
       # Inference inputs are zero-padded (bottom/right) to a multiple of this, so that
       # VOC's many image sizes share a few compiled shapes; 8 is the reference's minimum.
       infer_pad=64,

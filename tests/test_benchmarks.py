@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from affinity_jax import defaults
+from affinity_jax.benchmarks import inputs
 from affinity_jax.benchmarks import models as models_bench
 from affinity_jax.benchmarks import pipeline
 from affinity_jax.benchmarks import propagation
@@ -130,3 +131,27 @@ def test_propagation_figure_and_table():
   np.testing.assert_allclose(time_ax.get_lines()[0].get_ydata(), [64 ** 1.5, 256 ** 1.5])
   table = propagation.markdown(rows)
   assert table.count("\n") == 2 + len(rows)
+
+
+def test_inputs_benchmark_rates_and_cores(tmp_path):
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for i, (h, w) in enumerate([(50, 70), (66, 40), (48, 48)]):
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8)).save(tmp_path / f"im{i}.jpg")
+  out = tmp_path / "inputs.json"
+  inputs.main(["--images", str(tmp_path), "--crop", "64", "--repeats", "1",
+               "--step-rates", "1,1000000", "--out", str(out)])
+  result = json.loads(out.read_text())
+  assert [r["pipeline"] for r in result["rows"]] == list(inputs.PIPELINES)
+  for r in result["rows"]:
+    assert r["images"] == 3 and r["crop"] == 64 and r["images_per_s_cpu"] > 0
+    assert math.isclose(r["ms_per_image_wall"] * r["images_per_s_wall"], 1e3)
+  cores = {(c["pipeline"], c["step_images_per_s"]): c for c in result["cores"]}
+  assert cores["affinity", 1.0]["workers"] == 1 and cores["affinity", 1.0]["cores"] == 2
+  rate = {r["pipeline"]: r["images_per_s_cpu"] for r in result["rows"]}
+  assert cores["classification", 1e6]["workers"] == math.ceil(1e6 / rate["classification"])
+  assert result["cpus"] >= 1 and result["default_workers"] >= 0
+
+
+def test_workers_needed_rounds_up():
+  assert inputs.workers_needed(50, 25) == 2 and inputs.workers_needed(51, 25) == 3

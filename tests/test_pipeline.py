@@ -257,3 +257,40 @@ def test_worker_processes_resume(tmp_path):
   b = make()
   b.set_state(state)
   np.testing.assert_array_equal(np.asarray(next(b)["image"]), want)
+
+
+@pytest.mark.parametrize("cpus, workers", [(1, 0), (2, 1), (8, 7), (17, 16), (224, 16)])
+def test_default_worker_count_leaves_a_core_for_the_main_process(cpus, workers):
+  assert pipeline.default_worker_count(cpus) == workers
+
+
+def test_auto_worker_count_follows_this_process_cores(monkeypatch):
+  monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+  assert pipeline.available_cpus() == 5
+  assert pipeline.resolve_worker_count(pipeline.AUTO_WORKERS) == 4
+  assert pipeline.resolve_worker_count(0) == 0 and pipeline.resolve_worker_count(3) == 3
+  with pytest.raises(UserError, match="num_workers: -2"):
+    pipeline.resolve_worker_count(-2)
+  monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: {0})
+  b = pipeline.GlobalBatches(IndexSource(20), Stamp(), mesh=_mesh(), batch_size=8, seed=0,
+                             worker_count=pipeline.AUTO_WORKERS)
+  assert b.worker_count == 0
+
+
+def test_resume_keeps_the_saved_worker_count():
+  """A stream saved with 0 workers resumes identically on an iterator built for 2
+  (e.g. `AUTO_WORKERS` on a host with more cores): the loader adopts the saved count."""
+  def make(workers):
+    return pipeline.GlobalBatches(IndexSource(20), Stamp(), mesh=_mesh(), batch_size=8,
+                                  seed=3, worker_count=workers)
+  a = make(0)
+  next(a)
+  state = json.loads(json.dumps(a.get_state()))
+  assert state["worker_count"] == 0
+  want = [np.asarray(next(a)["image"]) for _ in range(2)]
+  b = make(2)
+  assert b.worker_count == 2
+  b.set_state(state)
+  assert b.worker_count == 0
+  for w in want:
+    np.testing.assert_array_equal(np.asarray(next(b)["image"]), w)

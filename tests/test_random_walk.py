@@ -33,8 +33,10 @@ def _dense_walk(cams, feats, radius, beta, t, border):
           ).reshape(h, w, c)
 
 
-# 21 channels in groups of 16 and 5, as `propagate` walks them on CPU.
-@pytest.mark.parametrize("size, group", [((6, 9, 3), None), ((11, 8, 21), 16)])
+# 21 channels in groups of 16 and 5 (AVX-512) or 8, 8 and 5 (AVX2), as `propagate`
+# walks them on CPU.
+@pytest.mark.parametrize("size, group", [((6, 9, 3), None), ((11, 8, 21), 16),
+                                         ((11, 8, 21), 8)])
 @pytest.mark.parametrize("border", ["full", "reference"])
 def test_propagate_matches_dense_matrix_power(size, group, border):
   rng = np.random.default_rng()
@@ -134,3 +136,16 @@ def test_radius_one_has_only_self_loops():
   feats = rng.normal(size=(2, 4, 5, 6)).astype(np.float32)
   np.testing.assert_array_equal(
       np.asarray(random_walk.propagate(cams, feats, radius=1, t=5)), cams)
+
+
+@pytest.mark.parametrize("cpuinfo, xla_flags, lanes", [
+    ("flags\t: fpu sse avx avx2 fma\n", "", 8),
+    ("flags\t: fpu avx avx2 avx512f avx512bw\n", "", 16),
+    # The XLA flag that emulates an AVX2 machine on an AVX-512 one caps the vectors.
+    ("flags\t: fpu avx avx2 avx512f avx512bw\n", "--xla_cpu_max_isa=AVX2", 8),
+    ("flags\t: fpu avx avx2 avx512f\n", "--xla_dump_to=/tmp/d --xla_cpu_max_isa=avx512_vnni", 16),
+    ("flags\t: fpu avx avx2\n", "--xla_cpu_max_isa=AVX512F", 8),   # Not there to use.
+    ("", "", 8),
+])
+def test_cpu_vector_lanes_follow_the_cpu_and_xla_flags(cpuinfo, xla_flags, lanes):
+  assert random_walk.cpu_vector_lanes(cpuinfo, xla_flags) == lanes

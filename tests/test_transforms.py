@@ -17,6 +17,18 @@ def test_normalize_both_conventions():
     transforms.normalize(img, "bgr")
 
 
+def test_normalize_gives_the_bits_of_the_plain_formula():
+  """Normalising in place must not change a bit of what training and inference see."""
+  img = np.random.default_rng(1).integers(0, 256, (37, 41, 3), dtype=np.uint8)
+  x = img.astype(np.float32)
+  want = {"imagenet_rgb": (x / 255.0 - transforms.IMAGENET_MEAN) / transforms.IMAGENET_STD,
+          "caffe_bgr": x[..., ::-1] - transforms.CAFFE_BGR_MEAN}
+  for name, w in want.items():
+    got = transforms.normalize(img, name)
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got.view(np.uint32), w.view(np.uint32))
+
+
 def test_long_side_range_and_size():
   assert transforms.scaled_long_side_range(448) == (256, 512)
   assert transforms.scaled_long_side_range(224) == (128, 256)

@@ -46,16 +46,28 @@ def time_calls_alternately(fns: dict[str, Callable[[], Any]],
   times = {name: ([], []) for name in fns}
   for _ in range(max(1, repeats)):
     for name, fn in fns.items():
-      c0, t0 = _cpu_seconds(), time.perf_counter()
+      c0, t0 = cpu_seconds(), time.perf_counter()
       jax.block_until_ready(fn())
       times[name][0].append(time.perf_counter() - t0)
-      times[name][1].append(_cpu_seconds() - c0)
+      times[name][1].append(cpu_seconds() - c0)
   return {name: (statistics.median(w), statistics.median(c)) for name, (w, c) in times.items()}
 
 
-def _cpu_seconds() -> float:
+def cpu_seconds() -> float:
   usage = resource.getrusage(resource.RUSAGE_SELF)
   return usage.ru_utime + usage.ru_stime
+
+
+def cpu_name() -> str:
+  """The host CPU's model name from /proc/cpuinfo (else `platform.processor()`)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
 
 
 def device_info() -> dict:

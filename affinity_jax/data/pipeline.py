@@ -12,8 +12,16 @@ the shuffle order and a per-record random generator from the seed, and each
 worker builds whole batches from every `worker_count`-th record.
 `GlobalBatches.get_state()` returns a JSON-serialisable dict of the position;
 `set_state` on a fresh iterator with the same arguments resumes the stream
-exactly. With worker_count > 0, grain starts worker processes with `spawn`, so
-the main script needs the usual `if __name__ == "__main__":` guard.
+exactly; the state records the worker count, and `set_state` continues with that
+count whatever the iterator was built with, so a stage started on one host resumes
+on another with the same stream. With worker_count > 0, grain starts worker
+processes with `spawn`, so the main script needs the usual
+`if __name__ == "__main__":` guard.
+
+`worker_count=AUTO_WORKERS` (-1, `data.num_workers`'s default) asks for
+`default_worker_count()`: one worker per core this process may run on, less one for
+the main process, at most `MAX_AUTO_WORKERS`. It is resolved when the iterator is
+built, on the host that runs it, never stored.
 
 Inference inputs (`multiscale_inputs`) are the spec's 8 passes (4 scales x
 flip), each padded to a multiple of 8, with the `ops.cam.Pass` that records it
@@ -22,6 +30,7 @@ flip), each padded to a multiple of 8, with the `ops.cam.Pass` that records it
 
 import dataclasses
 import json
+import os
 from typing import Any, Callable, Iterator, Sequence
 
 import grain.python as grain
@@ -146,6 +155,41 @@ def _resize_flip_jitter(image, mask, rng, crop_size, long_side, jitter):
 
 # ----------------------------------------------------------------------------- global batches
 
+AUTO_WORKERS = -1
+# One worker decodes and augments 24 (train_aff) to 66 (train_cam) VOC images/s at 448 px
+# on a core of the development CPU (`benchmarks.inputs`, docs/benchmarks.md): 16 feed a
+# step of ~390 images/s or more. More processes only cost memory (each holds its own
+# copy of the source and grain's buffers).
+MAX_AUTO_WORKERS = 16
+
+
+def available_cpus() -> int:
+  """Cores this process may run on (its affinity mask; `os.cpu_count()` without one)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # Not on Linux.
+    return os.cpu_count() or 1
+
+
+def default_worker_count(cpus: int | None = None) -> int:
+  """Grain worker processes for a host with `cpus` cores (default: `available_cpus()`).
+
+  One per core, less one for the main process (it assembles batches and drives the
+  train step), at most `MAX_AUTO_WORKERS`; 0 (augment in the main process) on one core.
+  """
+  cpus = available_cpus() if cpus is None else cpus
+  return max(0, min(cpus - 1, MAX_AUTO_WORKERS))
+
+
+def resolve_worker_count(worker_count: int) -> int:
+  """`worker_count`, with `AUTO_WORKERS` replaced by `default_worker_count()`."""
+  if worker_count == AUTO_WORKERS:
+    return default_worker_count()
+  if worker_count < 0:
+    raise UserError(f"num_workers: {worker_count}; expected >= 0, or {AUTO_WORKERS} for "
+                    "one per core less one")
+  return worker_count
+
 
 class GlobalBatches:
   """An endless (or `num_epochs`-long) iterator of global batches sharded on `data`.
@@ -158,7 +202,8 @@ class GlobalBatches:
     batch_size: global batch size (divisible by the process count and by the
       'data' axis size).
     seed: shuffle order and augmentation randomness.
-    worker_count: grain worker processes (0 = in this process).
+    worker_count: grain worker processes (0 = in this process; `AUTO_WORKERS` =
+      `default_worker_count()`). A resumed stream keeps the count it was saved with.
     num_epochs: None repeats forever (one continuous shuffled stream: a batch
       may hold the end of one epoch and the start of the next).
     shuffle: shuffle the records each epoch.
@@ -186,8 +231,16 @@ class GlobalBatches:
         num_records=len(source), num_epochs=num_epochs, shuffle=shuffle, seed=seed,
         shard_options=grain.ShardOptions(self.process_index, self.process_count,
                                          drop_remainder=True))
+    self._loader_args = (source, sampler, transform, drop_remainder)
+    self.steps_per_epoch = (len(source) // self.process_count) // self.local_batch_size
+    self._start(resolve_worker_count(worker_count))
+
+  def _start(self, worker_count: int) -> None:
+    """(Re)builds the grain loader with `worker_count` processes, at the stream's start."""
+    source, sampler, transform, drop_remainder = self._loader_args
     if worker_count > 0:
       _absl_flags_parsed()
+    self.worker_count = worker_count
     # Records are read inline: grain's defaults (16 reader threads, 500 records ahead)
     # suit remote disks; on local array_record files their threads and buffer polling
     # took cores from the train step (embedded train_aff: 4.75 -> 5.98 steps/s on
@@ -196,7 +249,6 @@ class GlobalBatches:
         data_source=source, sampler=sampler, worker_count=worker_count,
         read_options=grain.ReadOptions(num_threads=0, prefetch_buffer_size=0),
         operations=[transform, grain.Batch(self.local_batch_size, drop_remainder=drop_remainder)])
-    self.steps_per_epoch = (len(source) // self.process_count) // self.local_batch_size
     self._it = iter(self._loader)
 
   def __iter__(self) -> Iterator[dict[str, jax.Array]]:
@@ -219,7 +271,15 @@ class GlobalBatches:
     return json.loads(self._it.get_state().decode("utf-8"))
 
   def set_state(self, state: dict[str, Any]) -> None:
-    """Moves to a position from `get_state` (same source, transform and arguments)."""
+    """Moves to a position from `get_state` (same source, transform and arguments).
+
+    The stream depends on the worker count, so the loader is rebuilt with the count
+    saved in `state` when it differs from this iterator's (e.g. `AUTO_WORKERS` on a
+    host with other cores): the resumed stream is the one that was saved.
+    """
+    saved = state.get("worker_count", self.worker_count)
+    if saved != self.worker_count:
+      self._start(saved)
     self._it.set_state(json.dumps(state).encode("utf-8"))
 
 

@@ -16,6 +16,7 @@ measured reasons for this layout and the ones tried and dropped.
 """
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -26,21 +27,39 @@ from affinity_jax.ops.affinity import pairwise_affinity
 
 LANES = 8  # float32 lanes of a 256-bit vector register; the walk pads channels to these
 
-# XLA:CPU vectorises with 256-bit registers by default; on AVX-512 CPUs, 512-bit ones and
-# channel groups of 16 make the walk 1.15x faster. Without AVX-512 the groups would cost
-# 10% (two 256-bit halves each), so channels then stay in one group.
+# XLA:CPU vectorises with 256-bit registers by default; on AVX-512 CPUs, 512-bit ones make
+# the walk faster. Either way the walk runs its channels in groups of one register each
+# (`CPU_GROUP`): a step then computes one vector per pixel and reads each weight straight
+# into the product. With more channels per group the step's 2K + 1 weight broadcasts are
+# hoisted out of the loop over the group's vectors and spilled to the stack (AVX2: 21
+# channels in one group 1.25x slower than groups of 8; docs/ops.md).
 CPU_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
 
 
-def _has_avx512() -> bool:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return " avx512f" in f.read()
-  except OSError:
-    return False
+def cpu_vector_lanes(cpuinfo: str | None = None, xla_flags: str | None = None) -> int:
+  """float32 lanes of the widest vector XLA:CPU emits here: 16 with AVX-512, else 8.
+
+  Args:
+    cpuinfo: the text of /proc/cpuinfo (default: read it; 8 lanes when unreadable).
+    xla_flags: the XLA_FLAGS value (default: the environment's); an
+      `--xla_cpu_max_isa` below AVX-512 (e.g. AVX2) caps the vectors at 256 bits.
+  """
+  if cpuinfo is None:
+    try:
+      with open("/proc/cpuinfo") as f:
+        cpuinfo = f.read()
+    except OSError:
+      cpuinfo = ""
+  if xla_flags is None:
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+  capped = [flag.split("=", 1)[1].upper() for flag in xla_flags.split()
+            if flag.startswith("--xla_cpu_max_isa=")]
+  if capped and not capped[-1].startswith(("AVX512", "AMX")):
+    return LANES
+  return 2 * LANES if " avx512f" in cpuinfo else LANES
 
 
-CPU_GROUP = 16 if _has_avx512() else None
+CPU_GROUP = cpu_vector_lanes()
 
 
 def walk_offsets(offsets) -> np.ndarray:
@@ -88,8 +107,9 @@ def apply_transition(weights: jnp.ndarray, x: jnp.ndarray, offsets, t: int,
     offsets: concrete int [K, 2], the forward offsets `weights` was built with.
     t: number of steps >= 0 (0 returns x); a Python int, or a traced int scalar so one
       compiled function serves every t.
-    group: channels walked together (default: all). 16 fills a 512-bit register: the
-      fastest choice on a CPU compiled with `CPU_COMPILER_OPTIONS`, 10% slower without.
+    group: channels walked together (default: all). One vector register's lanes
+      (`CPU_GROUP`: 16 with AVX-512 and `CPU_COMPILER_OPTIONS`, else 8) is the fastest
+      choice on a CPU.
 
   Returns:
     float32 [B, H, W, C], out = T^t x.
