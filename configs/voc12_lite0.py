@@ -76,7 +76,7 @@ def cpu(c):
   c.cam.train.update(steps=230, lr=0.01, log_every=10, ckpt_every=50)
   c.aff.train.update(steps=600, lr=0.01, log_every=25, ckpt_every=100)
   c.crf.la_alpha, c.crf.ha_alpha = 1.0, 8.0
-  c.rw.alpha, c.rw.beta = 4.0, 32.0
+  c.rw.alpha, c.rw.beta = 2.5, 32.0
   c.rw.dcrf_unary_weight = 4.0
   c.seg.enabled = False
 
