@@ -3,9 +3,11 @@
 Training pipelines (classification, affinity, segmentation) read a random-access
 source of example dicts (`sources.open_split`), apply a per-example random
 augmentation (a grain `RandomMapTransform`, NumPy only, run in `worker_count`
-worker processes) and batch. Each process reads its own shard of the records
-(`jax.process_index` / `jax.process_count`) and its local batches are assembled
-into global `jax.Array`s sharded on the mesh's `data` axis.
+worker processes) and batch. Each process reads its own slice of every global batch
+of the single-process stream (`BatchShareSampler`, by `jax.process_index` /
+`jax.process_count`), and the local batches are assembled into global `jax.Array`s
+sharded on the mesh's `data` axis: the global batches do not depend on the number of
+processes.
 
 The stream is a pure function of the seed and the worker count: grain draws
 the shuffle order and a per-record random generator from the seed, and each
