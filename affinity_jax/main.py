@@ -28,10 +28,10 @@ def main(argv: Sequence[str]) -> None:
   try:
     pipeline.run(cl.config, cl.config_name, cl.workdir, cl.mode)
   except BaseException as e:  # noqa: BLE001 -- every failure ends the process at once.
-    exit_at_once(e, cl.config.distributed.process_id)
+    exit_at_once(e)
 
 
-def exit_at_once(error: BaseException, process_id: int) -> None:
+def exit_at_once(error: BaseException) -> None:
   """Ends a process of a multi-host run that failed, without jax's shutdown.
 
   A normal exit waits in `jax.distributed.shutdown` for every other process (up to
@@ -45,11 +45,20 @@ def exit_at_once(error: BaseException, process_id: int) -> None:
   elif isinstance(error, KeyboardInterrupt):
     print("interrupted; run the same command again to resume", file=sys.stderr)
     code = 130
+  elif isinstance(error, SystemExit):
+    code = error.code if isinstance(error.code, int) else 1
   else:
-    traceback.print_exception(error)
+    hint = _hint(error)
+    if not hint:  # A failure of this process: where it happened.
+      traceback.print_exception(error)
+    import jax  # "auto" runs learn their index from it.
+    try:
+      process_id = jax.process_index()
+    except Exception:  # noqa: BLE001 -- jax.distributed.initialize itself failed.
+      process_id = "?"
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
     print(f"error: process {process_id} failed: {type(error).__name__}: {first}"
-          f"{_hint(error)}; run the same command again on every host to resume",
+          f"{hint}; run the same command again on every host to resume",
           file=sys.stderr)
     code = 1
   sys.stdout.flush()

@@ -105,6 +105,25 @@ def test_launcher_command_and_environment():
     launch.main(["--num_processes=2"])  # No main arguments after --.
 
 
+@pytest.mark.parametrize("error, code, line", [
+    ("RuntimeError('Gloo AllGather failed: Connection closed by peer')", 1,
+     "error: process 0 failed: RuntimeError: Gloo AllGather failed: Connection closed by "
+     "peer (another process of the run has stopped: see its output for why); run the "
+     "same command again on every host to resume"),
+    ("UserError('workdir w: bad')", 2, "error: workdir w: bad"),
+])
+def test_a_failed_process_exits_at_once_with_one_line(error, code, line):
+  """What a host of a multi-host run prints when it fails (no traceback when another
+  process stopped), then it exits without waiting for the others."""
+  script = ("from affinity_jax import main\nfrom affinity_jax.errors import UserError\n"
+            f"main.exit_at_once({error})\nprint('not reached')")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(),
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == code
+  assert proc.stderr.strip().splitlines()[-1] == line and "Traceback" not in proc.stderr
+  assert "not reached" not in proc.stdout
+
+
 # ----------------------------------------------------------------------------- the pipeline
 
 
