@@ -100,7 +100,8 @@ def launch(main_args: Sequence[str], num_processes: int, devices_per_process: in
       p.wait()
   for t in relays:
     t.join(timeout=5)
-  codes = [p.returncode for p in procs]
+  # A process ended by a signal reports -signal: exit as a shell would, 128 + signal.
+  codes = [c if c >= 0 else 128 - c for c in (p.returncode for p in procs)]
   if failed is None:
     failed = next((i for i, c in enumerate(codes) if c), None)
   return 0 if failed is None else (codes[failed] or 1)

@@ -105,6 +105,15 @@ def test_launcher_command_and_environment():
     launch.main(["--num_processes=2"])  # No main arguments after --.
 
 
+def test_launcher_passes_on_a_failure(capsys):
+  code = launch.launch([f"--config={TINY}x", "--workdir=unused"], 2, 1, grace_s=30)
+  out = capsys.readouterr()
+  assert code == 2
+  for i in (0, 1):
+    assert f"[p{i}] error: configs/scenes.py: unknown variant 'tinyx'" in out.out
+  assert "launch: process" in out.err and "exited with status 2" in out.err
+
+
 @pytest.mark.parametrize("error, code, line", [
     ("RuntimeError('Gloo AllGather failed: Connection closed by peer')", 1,
      "error: process 0 failed: RuntimeError: Gloo AllGather failed: Connection closed by "
