@@ -259,11 +259,13 @@ def _tuples(value):
   return value
 
 
-def check_workdir(config: ml_collections.ConfigDict, workdir: str, config_name: str) -> None:
+def check_workdir(config: ml_collections.ConfigDict, workdir: str, config_name: str,
+                  write: bool = True) -> None:
   """Claims `workdir` for this config or checks that it already belongs to it.
 
   Writes `<workdir>/config.json` (`{"config_name", "config"}`) on the first run and
-  again when only free keys changed (so it always shows the latest run's values).
+  again when only free keys changed (so it always shows the latest run's values);
+  with `write=False` only checks (the hosts of a multi-host run but the first).
 
   Raises:
     UserError: the workdir was written by a config that differs in another key.
@@ -285,7 +287,8 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, config_name: 
           "use another --workdir")
     if saved == record:
       return
-  io.write_json(path, record)
+  if write:
+    io.write_json(path, record)
 
 
 @dataclasses.dataclass

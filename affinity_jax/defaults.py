@@ -64,6 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
       coordinator_address="",    # "" single process, "auto" (TPU pods, SLURM), "host:port"
       num_processes=0,
       process_id=-1,
+      # A process that stops answering for this long makes the others fail (jax's
+      # default); a process that fails exits at once, so the others see it sooner.
+      heartbeat_timeout_s=100,
   ))
 
   # Stage 1: classifier. 15 epochs of train_aug (10,582 images) at batch 16.

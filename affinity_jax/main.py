@@ -7,9 +7,13 @@
 order and skips those whose outputs are complete. Rerunning a killed command resumes.
 """
 
+import os
+import sys
+import traceback
 from typing import Sequence
 
 from affinity_jax import config_lib
+from affinity_jax.errors import UserError
 
 
 def main(argv: Sequence[str]) -> None:
@@ -18,7 +22,55 @@ def main(argv: Sequence[str]) -> None:
   from affinity_jax.stages import pipeline  # Heavy imports after argument errors.
 
   cl = config_lib.parse_command_line(argv, modes=pipeline.MODES)
-  pipeline.run(cl.config, cl.config_name, cl.workdir, cl.mode)
+  if not cl.config.distributed.coordinator_address:
+    pipeline.run(cl.config, cl.config_name, cl.workdir, cl.mode)
+    return
+  try:
+    pipeline.run(cl.config, cl.config_name, cl.workdir, cl.mode)
+  except BaseException as e:  # noqa: BLE001 -- every failure ends the process at once.
+    exit_at_once(e)
+
+
+def exit_at_once(error: BaseException) -> None:
+  """Ends a process of a multi-host run that failed, without jax's shutdown.
+
+  A normal exit waits in `jax.distributed.shutdown` for every other process (up to
+  5 minutes) while they wait in a collective for this one. Exiting at once closes
+  the collectives' connections: the others fail within seconds (a collective's
+  error) or at most `distributed.heartbeat_timeout_s`.
+  """
+  if isinstance(error, UserError):
+    print(f"error: {error}", file=sys.stderr)
+    code = 2
+  elif isinstance(error, KeyboardInterrupt):
+    print("interrupted; run the same command again to resume", file=sys.stderr)
+    code = 130
+  elif isinstance(error, SystemExit):
+    code = error.code if isinstance(error.code, int) else 1
+  else:
+    hint = _hint(error)
+    if not hint:  # A failure of this process: where it happened.
+      traceback.print_exception(error)
+    import jax  # "auto" runs learn their index from it.
+    try:
+      process_id = jax.process_index()
+    except Exception:  # noqa: BLE001 -- jax.distributed.initialize itself failed.
+      process_id = "?"
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    print(f"error: process {process_id} failed: {type(error).__name__}: {first}"
+          f"{hint}; run the same command again on every host to resume",
+          file=sys.stderr)
+    code = 1
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+
+def _hint(error: BaseException) -> str:
+  text = str(error)
+  if any(s in text for s in ("Gloo", "Connection closed", "heartbeat", "coordination")):
+    return " (another process of the run has stopped: see its output for why)"
+  return ""
 
 
 if __name__ == "__main__":

@@ -138,6 +138,12 @@ def test_workdir_guard(config_file, tmp_path):
   with pytest.raises(UserError, match=rf"workdir {workdir} was written by config exp "
                      r"\(train\.lr: 0\.01 there, 0\.1 now\); use another --workdir"):
     config_lib.check_workdir(other, workdir, "exp2")
+  # The other hosts of a multi-host run check the same way but never write.
+  with pytest.raises(UserError, match="train.lr"):
+    config_lib.check_workdir(other, workdir, "exp2", write=False)
+  fresh = str(tmp_path / "fresh")
+  config_lib.check_workdir(other, fresh, "exp2", write=False)
+  assert not os.path.exists(os.path.join(fresh, "config.json"))
 
 
 def test_workdir_config_reads_back_what_the_guard_wrote(config_file, tmp_path):

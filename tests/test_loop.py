@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from affinity_jax import defaults
+from affinity_jax.errors import UserError
 from affinity_jax.training import loop, optim
 from affinity_jax.training import mesh as mesh_lib
 
@@ -201,3 +202,13 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, capsys, monkeypa
   assert [l.split(" ", 2)[1] for l in lines] == ["0/3", "1/3", "2/3", "3/3"]
   for field in ("step/s", "loss=", "lr=5.00e-02", "img_s=", "elapsed", "ETA"):
     assert field in lines[1], (field, lines[1])
+
+
+def test_input_positions_resume_per_process_and_only_with_as_many():
+  """A multi-host checkpoint holds each host's position; this (single) process gets
+  its own, and a checkpoint of 2 processes is refused with the reason."""
+  assert loop._own_data_state({"pos": 3}, "d") == {"pos": 3}
+  assert loop._own_data_state({loop.PER_PROCESS: [{"pos": 5}]}, "d") == {"pos": 5}
+  with pytest.raises(UserError, match=r"checkpoint d was saved by 2 process\(es\)"):
+    loop._own_data_state({loop.PER_PROCESS: [{"pos": 1}, {"pos": 2}]}, "d")
+  assert mesh_lib.gather_json({"pos": 7}) == [{"pos": 7}]

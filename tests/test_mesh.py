@@ -31,9 +31,12 @@ def test_distributed_is_off_unless_configured(monkeypatch):
   on = ml_collections.ConfigDict({"distributed": {
       "coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}})
   assert mesh_lib.maybe_initialize_distributed(on)
-  assert calls == [dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1)]
+  assert calls == [dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1,
+                        heartbeat_timeout_seconds=100)]
   on.distributed.num_processes = -1
   with pytest.raises(UserError, match="num_processes"):
     mesh_lib.maybe_initialize_distributed(on)
   auto = ml_collections.ConfigDict({"distributed": {"coordinator_address": "auto"}})
-  assert mesh_lib.maybe_initialize_distributed(auto) and calls[-1] == {}
+  auto.distributed.heartbeat_timeout_s = 7
+  assert mesh_lib.maybe_initialize_distributed(auto)
+  assert calls[-1] == dict(heartbeat_timeout_seconds=7)

@@ -198,6 +198,49 @@ def test_process_split_is_disjoint():
   assert len(parts[0]) == len(parts[1]) == 16
 
 
+def _ids_and_noise(local):
+  return list(zip(local["image"][:, 0, 0, 0].astype(int).tolist(),
+                  local["noise"][:, 0].tolist()))
+
+
+def test_process_shares_make_the_single_process_batch():
+  """2 processes read disjoint halves of every batch of the 1-process stream, the
+  records' random draws included, across epochs; each resumes from its own state."""
+  def make(pid, count):
+    return pipeline.GlobalBatches(IndexSource(20), Stamp(), mesh=_mesh(), batch_size=8,
+                                  seed=5, process_index=pid, process_count=count)
+  one, shares = make(0, 1), [make(0, 2), make(1, 2)]
+  for _ in range(6):  # 48 records of a 20-record source: three epochs.
+    whole = _ids_and_noise(one.next_local())
+    parts = [_ids_and_noise(s.next_local()) for s in shares]
+    assert parts[0] + parts[1] == whole
+    assert not {i for i, _ in parts[0]} & {i for i, _ in parts[1]}
+  states = [json.loads(json.dumps(s.get_state())) for s in shares]
+  want = [_ids_and_noise(s.next_local()) for s in shares]
+  for pid, state in enumerate(states):
+    again = make(pid, 2)
+    again.set_state(state)
+    assert _ids_and_noise(again.next_local()) == want[pid]
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_process_shares_with_worker_processes(workers):
+  """With grain's workers (worker w batches the local positions w, w + W, ...) the
+  shares still put together the single-process batches."""
+  def batches(sampler, local_batch, count):
+    per_worker = [[sampler.global_index(i) for i in range(w, 400, workers)]
+                  for w in range(workers)]
+    return [per_worker[k % workers][k // workers * local_batch:][:local_batch]
+            for k in range(count)]
+  base = grain.IndexSampler(num_records=10**6, shard_options=grain.NoSharding(), seed=0)
+  one = pipeline.BatchShareSampler(base, 8, 0, 1, workers)
+  two = [pipeline.BatchShareSampler(base, 8, p, 2, workers) for p in range(2)]
+  a, b = (batches(s, 4, 20) for s in two)
+  assert [x + y for x, y in zip(a, b)] == batches(one, 8, 20)
+  # One process reads the base stream as it is (the single-host stream is unchanged).
+  assert [one.global_index(i) for i in range(100)] == list(range(100))
+
+
 def test_resume_from_state_gives_the_same_stream():
   def make():
     return pipeline.GlobalBatches(IndexSource(20), Stamp(), mesh=_mesh(), batch_size=8, seed=3)

@@ -3,9 +3,11 @@
 Training pipelines (classification, affinity, segmentation) read a random-access
 source of example dicts (`sources.open_split`), apply a per-example random
 augmentation (a grain `RandomMapTransform`, NumPy only, run in `worker_count`
-worker processes) and batch. Each process reads its own shard of the records
-(`jax.process_index` / `jax.process_count`) and its local batches are assembled
-into global `jax.Array`s sharded on the mesh's `data` axis.
+worker processes) and batch. Each process reads its own slice of every global batch
+of the single-process stream (`BatchShareSampler`, by `jax.process_index` /
+`jax.process_count`), and the local batches are assembled into global `jax.Array`s
+sharded on the mesh's `data` axis: the global batches do not depend on the number of
+processes.
 
 The stream is a pure function of the seed and the worker count: grain draws
 the shuffle order and a per-record random generator from the seed, and each
@@ -31,6 +33,7 @@ flip), each padded to a multiple of 8, with the `ops.cam.Pass` that records it
 import dataclasses
 import json
 import os
+import sys
 from typing import Any, Callable, Iterator, Sequence
 
 import grain.python as grain
@@ -227,17 +230,20 @@ class GlobalBatches:
     self.batch_size = batch_size
     self.local_batch_size = batch_size // self.process_count
     self.sharding = NamedSharding(mesh, PartitionSpec("data"))
-    sampler = grain.IndexSampler(
-        num_records=len(source), num_epochs=num_epochs, shuffle=shuffle, seed=seed,
-        shard_options=grain.ShardOptions(self.process_index, self.process_count,
-                                         drop_remainder=True))
-    self._loader_args = (source, sampler, transform, drop_remainder)
-    self.steps_per_epoch = (len(source) // self.process_count) // self.local_batch_size
+    self._loader_args = (source, transform, batch_size, num_epochs, shuffle, seed,
+                         drop_remainder)
+    self.steps_per_epoch = len(source) // batch_size
     self._start(resolve_worker_count(worker_count))
 
   def _start(self, worker_count: int) -> None:
     """(Re)builds the grain loader with `worker_count` processes, at the stream's start."""
-    source, sampler, transform, drop_remainder = self._loader_args
+    source, transform, batch_size, num_epochs, shuffle, seed, drop_remainder = (
+        self._loader_args)
+    # The sampler depends on the worker count: it deals whole batches out to workers.
+    sampler = BatchShareSampler(
+        grain.IndexSampler(num_records=len(source), num_epochs=num_epochs,
+                           shuffle=shuffle, seed=seed, shard_options=grain.NoSharding()),
+        batch_size, self.process_index, self.process_count, worker_count)
     if worker_count > 0:
       _absl_flags_parsed()
     self.worker_count = worker_count
@@ -281,6 +287,57 @@ class GlobalBatches:
     if saved != self.worker_count:
       self._start(saved)
     self._it.set_state(json.dumps(state).encode("utf-8"))
+
+
+class BatchShareSampler:
+  """This process's share of every global batch of one single-process record stream.
+
+  `base` orders the records (and draws each one's random generator) as for a single
+  process. Process p of n reads the slice [p*b, (p+1)*b) (b = batch_size / n) of every
+  global batch of that stream, taking into account how grain's `worker_count` workers
+  deal out the records of whole batches. So the global batch, its augmentations
+  included, does not depend on how many processes read it: 2 hosts x 4 devices train
+  on the same batches as 1 x 8. The shares are disjoint and the local position (what
+  `get_state` saves) advances alike on every process.
+
+  Args:
+    base: a grain `IndexSampler` without sharding.
+    batch_size: the global batch size (a multiple of `process_count`).
+    process_index, process_count: this process and how many read the stream.
+    worker_count: grain's worker processes (0: in this process).
+  """
+
+  def __init__(self, base, batch_size: int, process_index: int, process_count: int,
+               worker_count: int = 0):
+    self._base = base
+    self._shard_options = grain.NoSharding()  # The DataLoader takes it from here.
+    self.local_batch_size = batch_size // process_count
+    self.batch_size, self.process_index = batch_size, process_index
+    self.workers = max(worker_count, 1)
+
+  def global_index(self, index: int) -> int:
+    """The single-process stream position of this process's local position `index`."""
+    # Worker w (of W) batches the local positions w, w + W, ...; the same in the
+    # single-process stream, with the global batch size.
+    w, m = index % self.workers, index // self.workers
+    batch, j = divmod(m, self.local_batch_size)
+    return w + self.workers * (batch * self.batch_size
+                               + self.process_index * self.local_batch_size + j)
+
+  def __len__(self) -> int:
+    n = len(self._base)
+    if n == sys.maxsize:  # Endless.
+      return n
+    # Whole rounds of one global batch per worker, so every process stops together.
+    return n // (self.workers * self.batch_size) * self.workers * self.local_batch_size
+
+  def __getitem__(self, index: int):
+    return self._base[self.global_index(index)]
+
+  def __repr__(self) -> str:
+    return (f"BatchShareSampler({self._base!r}, batch_size={self.batch_size}, "
+            f"process_index={self.process_index}, "
+            f"process_count={self.batch_size // self.local_batch_size})")
 
 
 def _absl_flags_parsed() -> None:

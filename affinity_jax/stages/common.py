@@ -100,8 +100,9 @@ class Context:
     """The network `kind` as its training stage left it (parameters only); a UserError
     names the stage to run when it has not finished."""
     model = self.make_model(kind, pretrained=False)  # The checkpoint holds every weight.
+    # On this host's devices: every host infers its own images.
     return self.files.checkpoints(kind).load(model, self.config[kind].train.steps,
-                                             mesh_lib.replicated(self.mesh))
+                                             mesh_lib.replicated(self.local_mesh))
 
   def trained(self, kind: str) -> bool:
     """Whether the training stage of network `kind` ("cam", "aff", "seg") has finished."""

@@ -23,6 +23,9 @@ def done(ctx: common.Context) -> bool:
 
 def run(ctx: common.Context) -> dict:
   c, files = ctx.config, ctx.files
+  # Reading a checkpoint is collective on several hosts: each loads the net, the first
+  # evaluates.
+  predict = ctx.segmenter() if c.seg.enabled else None
   if jax.process_index() != 0:
     return {}
   ids = ctx.split(c.data.eval_split).ids()
@@ -32,7 +35,7 @@ def run(ctx: common.Context) -> dict:
   if c.rw.dcrf:
     methods["CAM+RW+dCRF"] = ((files.rw_crf.load(i), gt(i)) for i in ids)
   if c.seg.enabled:
-    predict, split = ctx.segmenter(), ctx.split(c.data.seg_eval_split)
+    split = ctx.split(c.data.seg_eval_split)
     methods[f"seg ({c.data.seg_eval_split})"] = (
         (predict(e["image"]), e["mask"]) for e in (split[i] for i in range(len(split))))
   cms.update(confusion.evaluate(methods, progress=True))

@@ -6,7 +6,6 @@ from typing import Callable
 
 import jax
 import ml_collections
-from jax.experimental import multihost_utils
 
 from affinity_jax import config_lib
 from affinity_jax.stages import affinity
@@ -42,19 +41,23 @@ def run(config: ml_collections.ConfigDict, config_name: str, workdir: str,
         mode: str = "all") -> common.Context:
   """Runs one stage (`mode`) or every unfinished stage in order (`all`)."""
   mesh_lib.maybe_initialize_distributed(config)
-  config_lib.check_workdir(config, workdir, config_name)
+  # Several hosts share the workdir: process 0 writes what is not per-image.
+  first = jax.process_index() == 0
+  config_lib.check_workdir(config, workdir, config_name, write=first)
   ctx = common.Context(config, workdir, mesh_lib.make_mesh())
-  ctx.prepare_data()
+  if first:
+    ctx.prepare_data()
+  mesh_lib.sync("prepare_data")
   for stage in STAGES:
     if mode not in ("all", stage.name):
       continue
-    if mode == "all" and stage.done(ctx):
+    # Every host runs or skips a stage together (training steps are collective).
+    if mode == "all" and mesh_lib.all_processes(stage.done(ctx)):
       print(f"[{stage.name}] done already, skipped", flush=True)
       continue
     start = time.perf_counter()
     print(f"[{stage.name}] running", flush=True)
     stage.run(ctx)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(stage.name)
+    mesh_lib.sync(stage.name)
     print(f"[{stage.name}] finished in {time.perf_counter() - start:.1f} s", flush=True)
   return ctx

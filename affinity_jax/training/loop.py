@@ -123,12 +123,39 @@ def _restore_or_init(ckpt: Checkpointer, tx: optax.GradientTransformation, param
   start = ckpt.latest_step()
   if start is not None:
     state, data_state = ckpt.restore(abstract, start)
-    batches.set_state(data_state)
+    batches.set_state(_own_data_state(data_state, ckpt.directory))
     return state, start
   # Through host memory: fresh global buffers (the model's own are never donated), and
   # valid on several hosts as long as each holds the same values.
   host = jax.tree.map(lambda x: jax.device_put(np.asarray(x), replicated), (params, rest))
   return jax.jit(init_state, out_shardings=replicated)(*host), 0
+
+
+PER_PROCESS = "per_process"  # Key of the input positions of a multi-host checkpoint.
+
+
+def _data_state(batches: BatchIterator) -> Any:
+  """The input's position to save with a checkpoint.
+
+  On several hosts each reads its own share of the stream: the checkpoint (written
+  once, by orbax's primary host) keeps every host's position, in process order.
+  """
+  state = batches.get_state()
+  if jax.process_count() == 1:
+    return state
+  return {PER_PROCESS: mesh_lib.gather_json(state)}
+
+
+def _own_data_state(saved: Any, directory: str) -> Any:
+  """This host's position out of what `_data_state` saved."""
+  states = saved[PER_PROCESS] if isinstance(saved, dict) and PER_PROCESS in saved \
+      else [saved]
+  if len(states) != jax.process_count():
+    raise UserError(
+        f"checkpoint {directory} was saved by {len(states)} process(es) and resumes only "
+        f"with as many (this run has {jax.process_count()}); use that many or another "
+        "--workdir")
+  return states[jax.process_index()]
 
 
 def _next_batch(batches: BatchIterator, step: int, steps: int, workdir: str
@@ -256,7 +283,7 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: An
   tx = optim.make_optimizer(params, config, frozen_prefixes)
   train_step = make_train_step(graphdef, tx, loss_fn, optim.make_schedule(config),
                                _pure(rng_state), mesh, frozen_prefixes)
-  rng = jax.device_put(jax.random.key(int(config.seed)), mesh_lib.replicated(mesh))
+  rng = mesh_lib.replicated_key(int(config.seed), mesh)
 
   with _checkpointer(workdir, config) as ckpt:
     state, step = _restore_or_init(ckpt, tx, params, rest, batches, mesh)
@@ -272,7 +299,7 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: An
           log.add(step, metrics, _batch_size(batch))
           if step % ckpt.save_every == 0 or step == steps:
             log.flush()
-            ckpt.save(step, state, batches.get_state())
+            ckpt.save(step, state, _data_state(batches))
             saved = step
         log.flush()
       except KeyboardInterrupt:

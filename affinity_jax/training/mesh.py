@@ -6,6 +6,7 @@ On a TPU pod slice or several GPU hosts, `maybe_initialize_distributed` must run
 before anything else touches JAX so that `jax.devices()` lists every host's devices.
 """
 
+import json
 from typing import Any, Mapping
 
 import jax
@@ -75,8 +76,10 @@ def maybe_initialize_distributed(config: Any) -> bool:
   address = (dist.get("coordinator_address") if dist is not None else "") or ""
   if not address:
     return False
+  # Failure detection: how long the others wait for a process that stopped answering.
+  timeout = dict(heartbeat_timeout_seconds=int(dist.get("heartbeat_timeout_s", 100)))
   if address == "auto":
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeout)
     return True
   num_processes = dist.get("num_processes", -1)
   process_id = dist.get("process_id", -1)
@@ -86,8 +89,43 @@ def maybe_initialize_distributed(config: Any) -> bool:
         f"config.distributed.num_processes >= 1 and process_id >= 0 "
         f"(got {num_processes}, {process_id}); or use coordinator_address='auto'")
   jax.distributed.initialize(
-      coordinator_address=address, num_processes=num_processes, process_id=process_id)
+      coordinator_address=address, num_processes=num_processes, process_id=process_id,
+      **timeout)
   return True
+
+
+def sync(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (nothing on a single host)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def all_processes(flag: bool) -> bool:
+  """Whether `flag` is true on every process (each must call it, in the same order)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(bool(flag)))))
+
+
+def gather_json(value: Any) -> list:
+  """Every process's JSON-serialisable `value`, in process order (each must call it)."""
+  if jax.process_count() == 1:
+    return [value]
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(json.dumps(value).encode("utf-8"), np.uint8)
+  sizes = multihost_utils.process_allgather(np.asarray(len(data), np.int32))
+  padded = np.zeros(int(np.max(sizes)), np.uint8)
+  padded[:len(data)] = data
+  rows = multihost_utils.process_allgather(padded)  # [processes, longest]
+  return [json.loads(bytes(row[:n]).decode("utf-8")) for row, n in zip(rows, sizes)]
+
+
+def replicated_key(seed: int, mesh: Mesh) -> jax.Array:
+  """`jax.random.key(seed)` replicated on `mesh` (made on the devices, so also on a
+  mesh spanning several hosts, where `device_put` of a local array cannot go)."""
+  return jax.jit(lambda: jax.random.key(seed), out_shardings=replicated(mesh))()
 
 
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
