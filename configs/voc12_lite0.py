@@ -15,11 +15,10 @@ VOC-layout folder (tuned on ../shared/voc_dev; docs/real_photos.md):
   python -m affinity_jax.main --config=configs/voc12_lite0.py:cpu \
       --workdir=runs/voc_cpu --config.data.manual_dir=../shared/voc_dev
 
-Expected on voc_dev's 184 train images (23.5 to 34 min on a 2-core AMD EPYC, by what
-else shares the cores), mIoU %:
+Expected on voc_dev's 184 train images (22 min on a 2-core AMD EPYC), mIoU %:
 
-  | CAM (t=0.15) | CAM (best t=0.3) | CAM+RW | CAM+RW+dCRF |
-  |         30.9 |             32.4 |   35.9 |        36.5 |
+  | CAM (t=0.15) | CAM (best t=0.4) | CAM+RW | CAM+RW+dCRF |
+  |         32.7 |             40.2 |   44.6 |        46.7 |
 
 Variant `sample` runs end to end on the 40-image sample in ../shared/voc_sample (a smoke
 test of the real-photo path on CPU: tiny crops, 40 steps, no segmentation net; its
