@@ -338,13 +338,21 @@ def parse_command_line(argv: Sequence[str], modes: Sequence[str] = (),
   return CommandLine(config, values["config"], values["workdir"], mode)
 
 
+def report_stop(error: BaseException) -> int | None:
+  """For a `UserError` or an interrupt: prints its one line on stderr and returns the
+  exit status (2 or 130); None for any other exception."""
+  if isinstance(error, UserError):
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  if isinstance(error, KeyboardInterrupt):
+    print("interrupted; run the same command again to resume", file=sys.stderr)
+    return 130
+  return None
+
+
 def run_main(main: Callable[[Sequence[str]], Any], argv: Sequence[str] | None = None) -> None:
   """Runs `main(argv)`; a `UserError` becomes `error: <message>` on stderr and exit 2."""
   try:
     main(sys.argv[1:] if argv is None else list(argv))
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except KeyboardInterrupt:
-    print("interrupted; run the same command again to resume", file=sys.stderr)
-    sys.exit(130)
+  except (UserError, KeyboardInterrupt) as e:
+    sys.exit(report_stop(e))

@@ -13,7 +13,6 @@ import traceback
 from typing import Sequence
 
 from affinity_jax import config_lib
-from affinity_jax.errors import UserError
 
 
 def main(argv: Sequence[str]) -> None:
@@ -39,15 +38,10 @@ def exit_at_once(error: BaseException) -> None:
   the collectives' connections: the others fail within seconds (a collective's
   error) or at most `distributed.heartbeat_timeout_s`.
   """
-  if isinstance(error, UserError):
-    print(f"error: {error}", file=sys.stderr)
-    code = 2
-  elif isinstance(error, KeyboardInterrupt):
-    print("interrupted; run the same command again to resume", file=sys.stderr)
-    code = 130
-  elif isinstance(error, SystemExit):
+  code = config_lib.report_stop(error)   # A UserError or an interrupt: its one line.
+  if code is None and isinstance(error, SystemExit):
     code = error.code if isinstance(error.code, int) else 1
-  else:
+  elif code is None:
     hint = _hint(error)
     if not hint:  # A failure of this process: where it happened.
       traceback.print_exception(error)
