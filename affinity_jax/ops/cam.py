@@ -65,8 +65,7 @@ def grouped_cams(features: jnp.ndarray, weights: jnp.ndarray,
   Returns:
     [B, h, w, G].
   """
-  cams = jax.nn.relu(jnp.einsum("bhwc,ck->bhwk", features, weights))
-  return jnp.einsum("bhwk,kg->bhwg", cams, groups)
+  return jnp.einsum("bhwk,kg->bhwg", cam_from_features(features, weights), groups)
 
 
 def upsample_cam(cam: jnp.ndarray, size: tuple[int, int],
