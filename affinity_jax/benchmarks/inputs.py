@@ -118,10 +118,13 @@ def run(paths: list[str], crop: int, repeats: int, pipelines=PIPELINES) -> list[
 
 def core_table(rows: list[dict], step_rates: list[float]) -> list[dict]:
   """Workers (and cores with the main process) each step rate needs, per pipeline."""
-  return [dict(pipeline=r["pipeline"], step_images_per_s=rate,
-               workers=workers_needed(rate, r["images_per_s_cpu"]),
-               cores=workers_needed(rate, r["images_per_s_cpu"]) + 1)
-          for rate in step_rates for r in rows]
+  table = []
+  for rate in step_rates:
+    for r in rows:
+      workers = workers_needed(rate, r["images_per_s_cpu"])
+      table.append(dict(pipeline=r["pipeline"], step_images_per_s=rate, workers=workers,
+                        cores=workers + 1))
+  return table
 
 
 def _print(rows, cores, info):

@@ -74,5 +74,5 @@ def device_info() -> dict:
   """Where the numbers were taken: JAX device kind and count, host CPU, JAX version."""
   device = jax.devices()[0]
   return {"device": f"{device.platform}:{device.device_kind}",
-          "devices": jax.device_count(), "host": platform.processor() or platform.machine(),
+          "devices": jax.device_count(), "host": cpu_name(),
           "jax": jax.__version__}
