@@ -79,18 +79,24 @@ def launch(main_args: Sequence[str], num_processes: int, devices_per_process: in
     relays.append(t)
   failed, deadline = None, None
   try:
-    while any(p.poll() is None for p in procs):
+    # Checks once more after the last process ended: when every process fails before the
+    # first look, the failure is still reported.
+    while True:
+      running = any(p.poll() is None for p in procs)
       for i, p in enumerate(procs):
         if failed is None and p.poll() not in (None, 0):
           failed = i
           deadline = time.monotonic() + grace_s
-          print(f"launch: process {i} exited with status {p.returncode}; the others get "
-                f"{grace_s:.0f} s to stop", file=sys.stderr, flush=True)
+          rest = f"; the others get {grace_s:.0f} s to stop" if running else ""
+          print(f"launch: process {i} exited with status {p.returncode}{rest}",
+                file=sys.stderr, flush=True)
       if deadline is not None and time.monotonic() > deadline:
         for i, p in enumerate(procs):
           if p.poll() is None:
             print(f"launch: stopping process {i}", file=sys.stderr, flush=True)
             p.kill()
+      if not running:
+        break
       time.sleep(0.2)
   except KeyboardInterrupt:
     for p in procs:

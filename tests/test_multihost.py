@@ -114,6 +114,22 @@ def test_launcher_passes_on_a_failure(capsys):
   assert "launch: process" in out.err and "exited with status 2" in out.err
 
 
+def test_launcher_reports_processes_that_failed_before_it_looked(monkeypatch, capsys):
+  """Every process has already exited when the launcher first polls (the race CI hit)."""
+  real_popen = subprocess.Popen
+
+  def finished_popen(cmd, **kwargs):
+    p = real_popen([sys.executable, "-c", "import sys; print('bad'); sys.exit(3)"], **kwargs)
+    p.wait()
+    return p
+
+  monkeypatch.setattr(launch.subprocess, "Popen", finished_popen)
+  assert launch.launch(["--workdir=unused"], 2, 1, grace_s=30) == 3
+  out = capsys.readouterr()
+  assert "[p0] bad" in out.out and "[p1] bad" in out.out
+  assert "launch: process 0 exited with status 3\n" in out.err
+
+
 @pytest.mark.parametrize("error, code, line", [
     ("RuntimeError('Gloo AllGather failed: Connection closed by peer')", 1,
      "error: process 0 failed: RuntimeError: Gloo AllGather failed: Connection closed by "
