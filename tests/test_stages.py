@@ -191,16 +191,14 @@ def test_voc_sample_end_to_end(tmp_path):
   assert len(ctx.label_ids()) == 24
 
 
-@pytest.mark.skipif(not os.path.isdir(VOC_SAMPLE), reason="../shared/voc_sample absent")
-def test_voc_cpu_variant_end_to_end_keeps_the_backbone_and_reports_label_quality(tmp_path):
-  # configs/voc12_lite0.py:cpu shrunk (cpu_tiny), on the tiny backbone for speed: the
-  # backbones of both trained networks stay as built, only the heads train.
+def test_voc_cpu_variant_end_to_end_keeps_the_backbone_and_reports_label_quality(
+    voc_tiny_workdir):
+  # configs/voc12_lite0.py:cpu shrunk (cpu_tiny), on the tiny backbone (tests/voc_tiny.py):
+  # the backbones of both trained networks stay as built, only the heads train.
   # The ImageNet prior needs Lite0's ImageNet layer (next test, and test_models).
-  config = config_lib.load_config("configs/voc12_lite0.py:cpu_tiny", {
-      "data.manual_dir": VOC_SAMPLE, "model.backbone": "tiny", "model.pretrained": "",
-      "cam.imagenet_prior": False})
+  _, config = config_lib.workdir_config(voc_tiny_workdir)
   assert config.cam.frozen == config.aff.frozen == ("backbone",)
-  ctx = pipeline.run(config, "configs/voc12_lite0.py:cpu_tiny", str(tmp_path))
+  ctx = common.Context(config, voc_tiny_workdir, mesh_lib.make_mesh())
   for kind in ("cam", "aff"):
     built, trained = ctx.make_model(kind, pretrained=False), ctx.trained_model(kind)
     same = jax.tree.map(np.array_equal, nnx.state(built.backbone, nnx.Param),
