@@ -1,8 +1,9 @@
 """Two processes x 4 CPU devices on one machine run the pipeline as 1 x 8 does.
 
 The processes talk over loopback (`affinity_jax.launch`, jax.distributed with gloo) and
-share one workdir, as the hosts of a TPU pod slice share storage. The 1 x 8 reference
-is the session's tiny run (`tiny_workdir`, 8 fake devices in this process).
+share one workdir, as the hosts of a TPU pod slice share storage. The 1 x 8 references
+are the session's runs (`tiny_workdir`, `voc_tiny_workdir`: 8 fake devices in this
+process).
 """
 
 import json
@@ -23,6 +24,8 @@ from affinity_jax import launch
 from affinity_jax.stages import common
 from affinity_jax.training import mesh as mesh_lib
 
+import voc_tiny
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AUDIT = os.path.join(REPO, "tests", "write_audit")
 TINY = "configs/scenes.py:tiny"
@@ -40,10 +43,13 @@ def _env(audit: str | None = None) -> dict:
   return env
 
 
-def _launch(workdir: str, *args: str, audit: str | None = None) -> str:
+def _launch(workdir: str, *args: str, audit: str | None = None,
+            config: list[str] | None = None) -> str:
+  """Runs `affinity_jax.main` as 2 x 4 on `workdir`; `config`: its --config arguments
+  (default: the tiny scenes run's)."""
   cmd = [sys.executable, "-m", "affinity_jax.launch", "--num_processes=2",
-         "--devices_per_process=4", "--grace_s=30", "--", f"--config={TINY}",
-         f"--workdir={workdir}", *args]
+         "--devices_per_process=4", "--grace_s=30", "--",
+         *(config or [f"--config={TINY}"]), f"--workdir={workdir}", *args]
   proc = subprocess.run(cmd, cwd=REPO, env=_env(audit), capture_output=True, text=True,
                         timeout=TIMEOUT_S)
   assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -51,7 +57,9 @@ def _launch(workdir: str, *args: str, audit: str | None = None) -> str:
 
 
 def _context(workdir: str) -> common.Context:
-  return common.Context(config_lib.load_config(TINY), workdir, mesh_lib.make_mesh())
+  """The context of the run that wrote `workdir`, with its config."""
+  return common.Context(config_lib.workdir_config(workdir)[1], workdir,
+                        mesh_lib.make_mesh())
 
 
 def _params(ctx: common.Context, kind: str) -> list[np.ndarray]:
@@ -68,7 +76,8 @@ def _curve(workdir: str, kind: str) -> list[tuple[int, float, float]]:
 def _assert_trained_alike(a: str, b: str, kind: str) -> None:
   """Same loss curve and parameters (float tolerance) in workdirs a and b."""
   ca, cb = _curve(a, kind), _curve(b, kind)
-  assert [s for s, _, _ in ca] == [s for s, _, _ in cb] == [1, 2, 3, 4]
+  steps = _context(a).config[kind].train.steps
+  assert [s for s, _, _ in ca] == [s for s, _, _ in cb] == list(range(1, steps + 1))
   # Equal at step 1; later steps inherit the parameters' float noise (below).
   np.testing.assert_allclose(ca[0][1], cb[0][1], rtol=1e-5)
   np.testing.assert_allclose([l for _, l, _ in ca], [l for _, l, _ in cb], rtol=5e-3)
@@ -78,7 +87,7 @@ def _assert_trained_alike(a: str, b: str, kind: str) -> None:
   # The gradient sums run in another order over 2 processes; Adam turns a sign flip of
   # a near-zero gradient entry into +-lr, so a few entries differ by up to 2 x 4 steps
   # x the new layers' 10 lr (1e-3). Measured: |a - b| / |a| = 1.1e-3 (cam), 2.4e-3 (aff)
-  # over all parameters.
+  # over all parameters (scenes:tiny; voc_tiny trains only heads: 1e-9).
   for x, y in zip(pa, pb):
     np.testing.assert_allclose(x, y, atol=0.08)
   total = sum(float(np.sum((x - y) ** 2)) for x, y in zip(pa, pb))
@@ -172,20 +181,21 @@ def mh_run(tiny_workdir, tmp_path_factory):
   return workdir, log
 
 
-def test_two_processes_give_the_outputs_of_one(mh_run, tiny_workdir):
-  workdir, _ = mh_run
-  one, two = _context(tiny_workdir), _context(workdir)
+def _assert_outputs_alike(a: str, b: str, trained: tuple[str, ...], images: int) -> None:
+  """Workdirs a and b hold the same outputs of `infer_cam` and every later stage, and
+  the same networks `trained` (float tolerance)."""
+  one, two = _context(a), _context(b)
   ids = one.label_ids(only_mine=False)
-  assert len(ids) == 16
+  assert len(ids) == images
   for i in ids:
     (ca, ka), (cb, kb) = one.files.cams.load(i), two.files.cams.load(i)
     np.testing.assert_array_equal(ka, kb)
     np.testing.assert_allclose(ca, cb, atol=2e-3)  # Stored as float16.
     for x, y in zip(one.files.crf.load(i), two.files.crf.load(i)):
       np.testing.assert_allclose(x, y, atol=1.5 / 255)  # Stored as round(p * 255).
-  for kind in ("aff", "seg"):
-    _assert_trained_alike(tiny_workdir, workdir, kind)
-  for store in ("rw", "rw_crf"):
+  for kind in trained:
+    _assert_trained_alike(a, b, kind)
+  for store in ("rw", "rw_crf") if one.config.rw.dcrf else ("rw",):
     same = np.mean([np.mean(getattr(one.files, store).load(i) ==
                             getattr(two.files, store).load(i)) for i in ids])
     assert same >= 0.99, (store, same)
@@ -199,6 +209,10 @@ def test_two_processes_give_the_outputs_of_one(mh_run, tiny_workdir):
       assert abs(value - flat_b[key]) <= 0.02 * max(1.0, abs(value)), key
     else:
       assert value == flat_b[key], key
+
+
+def test_two_processes_give_the_outputs_of_one(mh_run, tiny_workdir):
+  _assert_outputs_alike(tiny_workdir, mh_run[0], ("aff", "seg"), images=16)
 
 
 def test_every_file_is_written_once_by_its_owner(mh_run):
@@ -290,3 +304,76 @@ def test_a_lone_death_fails_the_other_and_both_resume(tiny_workdir, tmp_path):
   out = _launch(workdir, "--mode=train_cam")
   assert "[p0] [train_cam] running" in out
   _assert_trained_alike(tiny_workdir, workdir, "cam")
+
+
+def _written(folder: str) -> dict[str, tuple[int, int]]:
+  """The .npz files in `folder`, each with (inode, mtime): a rewrite changes both."""
+  names = os.listdir(folder) if os.path.isdir(folder) else []
+  return {n: (st.st_ino, st.st_mtime_ns) for n in names if n.endswith(".npz")
+          for st in [os.stat(os.path.join(folder, n))]}
+
+
+@pytest.fixture(scope="module")
+def voc_mh_run(voc_tiny_workdir, tmp_path_factory):
+  """`voc_tiny`'s whole pipeline from scratch by 2 processes x 4 devices, both killed
+  in `infer_cam` once each has written a CAM, then relaunched to the end (~1.5 min).
+
+  One run serves both tests below: the relaunch must resume and still end as the
+  1 x 8 run. Its backbones stay frozen, so the two classifiers agree to float noise
+  and every stage can be compared with the 1 x 8 run's, `train_cam` included.
+  Returns (workdir, the CAM files at the kill as `_written` gives them, the relaunch's
+  output).
+  """
+  ids = _context(voc_tiny_workdir).label_ids(only_mine=False)
+  shares = [{f"{i}.npz" for i in ids[k::2]} for k in range(2)]  # Process k's images.
+  tmp = tmp_path_factory.mktemp("multihost_voc")
+  workdir, cams = str(tmp / "run"), str(tmp / "run" / "cam_maps")
+  args = [*voc_tiny.args(), f"--workdir={workdir}"]
+  address = f"127.0.0.1:{launch.free_port()}"
+  env = launch.process_environ(4, _env())
+  logs = [tmp / f"p{i}.log" for i in range(2)]  # Files: an unread pipe could fill up.
+  procs = []
+  for i, log in enumerate(logs):
+    with open(log, "w") as f:
+      procs.append(subprocess.Popen(launch.process_command(args, address, 2, i), cwd=REPO,
+                                    env=env, stdout=f, stderr=subprocess.STDOUT))
+  try:
+    deadline = time.monotonic() + TIMEOUT_S
+    while (not all(share & _written(cams).keys() for share in shares)
+           and time.monotonic() < deadline):
+      if any(p.poll() is not None for p in procs):
+        break
+      time.sleep(0.01)
+  finally:
+    for p in procs:
+      p.kill()
+      p.wait()
+  outs = [log.read_text() for log in logs]
+  kept = _written(cams)
+  assert all(share & kept.keys() for share in shares), (
+      f"CAMs written before the kill: {sorted(kept)}\n" + "\n".join(o[-2000:] for o in outs))
+  assert all("[infer_cam] running" in o for o in outs), outs[0][-2000:]
+  out = _launch(workdir, config=voc_tiny.args())
+  return workdir, kept, out
+
+
+def test_voc_sample_two_processes_give_the_outputs_of_one(voc_mh_run, voc_tiny_workdir):
+  _assert_outputs_alike(voc_tiny_workdir, voc_mh_run[0], ("cam", "aff"), images=24)
+
+
+def test_both_killed_mid_inference_resume(voc_mh_run):
+  """The relaunch keeps the CAMs written before the kill and writes the rest (their
+  values: the test above)."""
+  workdir, kept, out = voc_mh_run
+  ids = _context(workdir).label_ids(only_mine=False)
+  print(f"{len(kept)} of {len(ids)} CAMs written before the kill")
+  for k in (0, 1):
+    if not {f"{i}.npz" for i in ids[k::2]} - kept.keys():
+      pytest.fail(f"process {k} wrote all its CAMs before the kill: it resumed nothing")
+  for i in (0, 1):
+    assert f"[p{i}] [train_cam] done already, skipped" in out
+    assert f"[p{i}] [infer_cam] running" in out and f"[p{i}] [eval] finished" in out
+  now = _written(os.path.join(workdir, "cam_maps"))
+  assert {n: now[n] for n in kept} == kept
+  assert len(now) == len(ids)
+  assert {"DONE-0", "DONE-1"} <= set(os.listdir(os.path.join(workdir, "cam_maps")))
