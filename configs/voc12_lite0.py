@@ -15,10 +15,10 @@ VOC-layout folder (tuned on ../shared/voc_dev; docs/real_photos.md):
   python -m affinity_jax.main --config=configs/voc12_lite0.py:cpu \
       --workdir=runs/voc_cpu --config.data.manual_dir=../shared/voc_dev
 
-Expected on voc_dev's 184 train images (22 min on a 2-core AMD EPYC), mIoU %:
+Expected on voc_dev's 184 train images (about 20 min on a 2-core AMD EPYC), mIoU %:
 
   | CAM (t=0.15) | CAM (best t=0.4) | CAM+RW | CAM+RW+dCRF |
-  |         32.7 |             40.2 |   44.6 |        46.7 |
+  |         32.7 |             40.2 |   45.7 |        47.9 |
 
 Variant `sample` runs end to end on the 40-image sample in ../shared/voc_sample (a smoke
 test of the real-photo path on CPU: tiny crops, 40 steps, no segmentation net; its
@@ -74,7 +74,7 @@ def cpu(c):
   c.cam.imagenet_prior = True
   c.cam.train.update(steps=230, lr=0.01, log_every=10, ckpt_every=50)
   c.aff.train.update(steps=600, lr=0.01, log_every=25, ckpt_every=100)
-  c.crf.la_alpha, c.crf.ha_alpha = 1.0, 8.0
+  c.crf.la_alpha, c.crf.ha_alpha = 1.0, 6.0
   c.rw.alpha, c.rw.beta = 2.5, 32.0
   c.rw.dcrf_unary_weight = 4.0
   c.seg.enabled = False
