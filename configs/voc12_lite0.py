@@ -15,7 +15,7 @@ VOC-layout folder (tuned on ../shared/voc_dev; docs/real_photos.md):
   python -m affinity_jax.main --config=configs/voc12_lite0.py:cpu \
       --workdir=runs/voc_cpu --config.data.manual_dir=../shared/voc_dev
 
-Expected on voc_dev's 184 train images (about 25 min on a 2-core AMD EPYC), mIoU %:
+Expected on voc_dev's 184 train images (20 min on a 2-core AMD EPYC), mIoU %:
 
   | CAM (t=0.15) | CAM (best t=0.4) | CAM+RW | CAM+RW+dCRF |
   |         32.7 |             40.2 |   46.6 |        48.4 |
