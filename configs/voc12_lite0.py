@@ -57,8 +57,8 @@ def cpu(c):
 
   Differs from the spec where measurements on voc_dev said so (docs/real_photos.md):
   the backbone stays at its ImageNet weights (only the classifier trains, and
-  AffinityNet's feature layers with the backbone's last block and head conv); background powers scaled to
-  Lite0's flatter CAMs; a sharper walk (beta 32) for affinities that stay well above
+  AffinityNet's feature layers with the backbone's last block and head conv);
+  background powers scaled to Lite0's flatter CAMs; a sharper walk (beta 32) for affinities that stay well above
   zero across boundaries; the walk's scores weighted 4x against the post-walk dCRF's
   pairwise terms; fewer steps, smaller crops and two inference scales for time.
   """

@@ -321,8 +321,8 @@ def voc_mh_run(voc_tiny_workdir, tmp_path_factory):
   One run serves both tests below: the relaunch must resume and still end as the
   1 x 8 run. Its backbones stay frozen, so the two classifiers agree to float noise
   and every stage can be compared with the 1 x 8 run's, `train_cam` included.
-  Returns (workdir, the CAM files at the kill as `_written` gives them, the relaunch's
-  output).
+  Returns (workdir, each process's CAM file names, the CAM files at the kill as
+  `_written` gives them, the relaunch's output).
   """
   ids = _context(voc_tiny_workdir).label_ids(only_mine=False)
   shares = [{f"{i}.npz" for i in ids[k::2]} for k in range(2)]  # Process k's images.
@@ -354,7 +354,7 @@ def voc_mh_run(voc_tiny_workdir, tmp_path_factory):
       f"CAMs written before the kill: {sorted(kept)}\n" + "\n".join(o[-2000:] for o in outs))
   assert all("[infer_cam] running" in o for o in outs), outs[0][-2000:]
   out = _launch(workdir, config=voc_tiny.args())
-  return workdir, kept, out
+  return workdir, shares, kept, out
 
 
 def test_voc_sample_two_processes_give_the_outputs_of_one(voc_mh_run, voc_tiny_workdir):
@@ -364,11 +364,11 @@ def test_voc_sample_two_processes_give_the_outputs_of_one(voc_mh_run, voc_tiny_w
 def test_both_killed_mid_inference_resume(voc_mh_run):
   """The relaunch keeps the CAMs written before the kill and writes the rest (their
   values: the test above)."""
-  workdir, kept, out = voc_mh_run
+  workdir, shares, kept, out = voc_mh_run
   ids = _context(workdir).label_ids(only_mine=False)
   print(f"{len(kept)} of {len(ids)} CAMs written before the kill")
-  for k in (0, 1):
-    if not {f"{i}.npz" for i in ids[k::2]} - kept.keys():
+  for k, share in enumerate(shares):
+    if not share - kept.keys():
       pytest.fail(f"process {k} wrote all its CAMs before the kill: it resumed nothing")
   for i in (0, 1):
     assert f"[p{i}] [train_cam] done already, skipped" in out
