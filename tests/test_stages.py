@@ -13,6 +13,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+import voc_tiny
+
 from affinity_jax import config_lib
 from affinity_jax import constants
 from affinity_jax.errors import UserError
@@ -22,6 +24,7 @@ from affinity_jax.inference import walk
 from affinity_jax.stages import common
 from affinity_jax.stages import pipeline
 from affinity_jax.training import mesh as mesh_lib
+from affinity_jax.training import optim
 from affinity_jax.weights import load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -191,22 +194,28 @@ def test_voc_sample_end_to_end(tmp_path):
   assert len(ctx.label_ids()) == 24
 
 
-def test_voc_cpu_variant_end_to_end_keeps_the_backbone_and_reports_label_quality(
+def test_voc_cpu_variant_end_to_end_keeps_the_frozen_layers_and_reports_label_quality(
     voc_tiny_workdir):
   # configs/voc12_lite0.py:cpu shrunk (cpu_tiny), on the tiny backbone (tests/voc_tiny.py):
-  # the backbones of both trained networks stay as built, only the heads train.
-  # The ImageNet prior needs Lite0's ImageNet layer (next test, and test_models).
+  # the classifier's whole backbone and AffinityNet's layers below its last stage stay as
+  # built; everything else trains. The ImageNet prior needs Lite0's ImageNet layer (a
+  # later test, and test_models).
   _, config = config_lib.workdir_config(voc_tiny_workdir)
-  assert config.cam.frozen == config.aff.frozen == ("backbone",)
+  assert config.cam.frozen == ("backbone",) and config.aff.frozen == voc_tiny.AFF_FROZEN
   ctx = common.Context(config, voc_tiny_workdir, mesh_lib.make_mesh())
-  for kind in ("cam", "aff"):
+  for kind, trains_in_backbone in (("cam", False), ("aff", True)):
     built, trained = ctx.make_model(kind, pretrained=False), ctx.trained_model(kind)
-    same = jax.tree.map(np.array_equal, nnx.state(built.backbone, nnx.Param),
-                        nnx.state(trained.backbone, nnx.Param))
-    assert all(jax.tree.leaves(same)), kind
-    heads_moved = jax.tree.map(lambda a, b: not np.array_equal(a, b),
-                               nnx.state(built, nnx.Param), nnx.state(trained, nnx.Param))
-    assert any(jax.tree.leaves(heads_moved)), kind
+    before, after = nnx.state(built, nnx.Param), nnx.state(trained, nnx.Param)
+    labels = optim.param_labels(before, ctx.frozen_prefixes(kind, built))
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, after)
+    names = [optim.path_str(path) for path, _ in jax.tree_util.tree_leaves_with_path(moved)]
+    pairs = list(zip(names, jax.tree.leaves(labels), jax.tree.leaves(moved)))
+    assert any(label == optim.FROZEN for _, label, _ in pairs), kind
+    assert not [n for n, label, m in pairs if label == optim.FROZEN and m], kind
+    assert any(m for n, label, m in pairs if not n.startswith("backbone/")), kind
+    in_backbone = [m for n, label, m in pairs
+                   if n.startswith("backbone/") and label != optim.FROZEN]
+    assert any(in_backbone) == trains_in_backbone, kind
   results = json.load(open(ctx.files.reports.path("results.json")))
   quality = results["affinity_labels"]
   assert quality["images"] == 24 and 0 <= quality["label_map"]["coverage"] <= 1
@@ -223,6 +232,18 @@ def test_voc_cpu_classifier_takes_the_packaged_imagenet_layer_for_its_prior(tmp_
   load.load_pretrained(imagenet, "imagenet", verbose=False)
   np.testing.assert_array_equal(model.backbone.fc.kernel.value, imagenet.fc.kernel.value)
   assert "backbone/fc" in ctx.frozen_prefixes("cam", model)
+
+
+def test_voc_cpu_affinitynet_trains_lite0s_last_block_and_head_conv_only(tmp_path):
+  # The backbone's trainable parameters under :cpu's aff.frozen, on an abstract Lite0.
+  config = config_lib.load_config("configs/voc12_lite0.py:cpu")
+  ctx = common.Context(config, str(tmp_path), mesh_lib.make_mesh())
+  model = nnx.eval_shape(lambda: ctx.make_model("aff", pretrained=False))
+  labels = optim.param_labels(nnx.state(model, nnx.Param), ctx.frozen_prefixes("aff", model))
+  trained = {optim.path_str(path).split("/")[1]
+             for path, label in jax.tree_util.tree_leaves_with_path(labels)
+             if optim.path_str(path).startswith("backbone/") and label != optim.FROZEN}
+  assert trained == {"block15", "conv_head"}
 
 
 def test_walk_batches_pad_each_image_and_mask_the_rest():

@@ -7,8 +7,12 @@ import os
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, "..", "shared", "voc_sample")
 CONFIG = "configs/voc12_lite0.py:cpu_tiny"
+# The tiny backbone's counterpart of :cpu's aff.frozen (every Lite0 layer below its last
+# block and head conv): AffinityNet trains the last stage only.
+AFF_FROZEN = ("backbone/stem1", "backbone/stem2", "backbone/stem3", "backbone/stage1",
+              "backbone/stage2")
 OVERRIDES = {"data.manual_dir": SAMPLE, "model.backbone": "tiny", "model.pretrained": "",
-             "cam.imagenet_prior": "False"}
+             "cam.imagenet_prior": "False", "aff.frozen": repr(AFF_FROZEN)}
 
 
 def args() -> list[str]:
