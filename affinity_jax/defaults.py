@@ -113,6 +113,9 @@ def base_config() -> ml_collections.ConfigDict:
       radius=5,
       border="full",             # "full": every pixel gets edges; "reference": psa's rule
       batch_size=4,              # images per device call, padded to the largest
+      # "class": each channel of the walk's output divided by its maximum over the
+      # image, as the CAMs were (`inference.walk.normalize`); "none": the reference.
+      normalize="none",
       dcrf=True,                 # also write CAM+RW+dCRF labels (the paper's third row)
       # Weight of the walk's -log scores against the dCRF's pairwise terms (the label
       # stage's CRF uses 1).

@@ -278,3 +278,39 @@ def test_walk_split_over_8_devices_equals_one_device():
   assert len(got.sharding.device_set) == 8
   np.testing.assert_allclose(np.asarray(got)[:2], np.asarray(want), atol=1e-5)
   assert not np.asarray(got)[2:].any()   # All-padding images stay zero.
+
+
+def test_walk_class_normalize_gives_each_channel_a_peak_of_one():
+  # A small object's walked score (peak 0.3) loses to the background's 0.4 beside it;
+  # divided by its peak, as its CAM was, it wins where it is strongest.
+  scores = np.zeros((2, 3, 2), np.float32)
+  scores[..., 0] = 0.4
+  scores[1, 0, 0], scores[0, 0, 1] = 0.9, 0.3
+  scores[1, 2, 1] = 0.1
+  np.testing.assert_array_equal(walk.normalize(scores, "none"), scores)
+  out = walk.normalize(scores, "class")
+  np.testing.assert_allclose(out.max(axis=(0, 1)), [1, 1], atol=1e-4)
+  np.testing.assert_allclose(out[..., 1] * 0.3, scores[..., 1], rtol=1e-4)
+  assert walk.labels(scores, np.array([7]))[0, 0] == 0
+  assert walk.labels(out, np.array([7]))[0, 0] == 7
+  with pytest.raises(UserError, match="rw.normalize: 'max' is not one of"):
+    walk.normalize(scores, "max")
+
+
+def test_walker_normalize_rescales_each_channel_of_each_image():
+  rw = config_lib.load_config("configs/scenes.py:tiny").rw
+  model = heads.AffinityNet("tiny", rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 256, s + (3,), dtype=np.uint8) for s in ((32, 48), (24, 40))]
+  cams = [(rng.uniform(size=s + (2,)).astype(np.float32) * [1.0, 0.2], np.array([3, 9]))
+          for s in ((32, 48), (24, 40))]
+  plain = walk.Walker(model, rw)(images, cams)
+  rw.normalize = "class"
+  scaled = walk.Walker(model, rw)(images, cams)
+  for p, s in zip(plain, scaled):
+    ratio = p / s   # One factor per channel: the grid's peak, which bounds the pixels'.
+    np.testing.assert_allclose(ratio, np.broadcast_to(ratio[0, 0], ratio.shape), rtol=1e-4)
+    assert (s.max(axis=(0, 1)) <= 1 + 1e-5).all() and (s.max(axis=(0, 1)) > 0.8).all()
+  rw.normalize = "max"
+  with pytest.raises(UserError, match="rw.normalize: 'max' is not one of"):
+    walk.Walker(model, rw)

@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from affinity_jax.data import transforms
+from affinity_jax.errors import UserError
 from affinity_jax.inference import STRIDE
 from affinity_jax.ops import cam as cam_ops
 from affinity_jax.ops import random_walk
@@ -24,7 +25,7 @@ class Walker:
 
   Args:
     model: a trained AffinityNet.
-    rw_config: `config.rw` (alpha, radius, beta, t, border).
+    rw_config: `config.rw` (alpha, radius, beta, t, border, normalize).
     pad_multiple: a batch's height and width are rounded up to a multiple of this, so
       many image sizes share a few compiled shapes (`batch_inputs`).
     mesh: optional device mesh each batch is split over (see `walker`).
@@ -35,6 +36,9 @@ class Walker:
     self.walk, self.state = walker(model, rw_config, mesh)
     self.normalization = model.backbone.normalization
     self.alpha = rw_config.alpha
+    if rw_config.normalize not in NORMALIZE:
+      raise UserError(f"rw.normalize: {rw_config.normalize!r} is not one of {NORMALIZE}")
+    self.normalize = rw_config.normalize
     self.pad_multiple = pad_multiple
     self.devices = 1 if mesh is None else mesh.size
 
@@ -62,13 +66,38 @@ class Walker:
              for a in batch_inputs(xs, grids, self.pad_multiple)]
     out, embedding = self.walk(self.state, *(jnp.asarray(a) for a in batch))
     out = np.asarray(out)
-    scores = [scores_to_image(out[b, :g.shape[0], :g.shape[1], :g.shape[2]], x.shape[:2],
-                              image.shape[:2])
+    scores = [scores_to_image(normalize(out[b, :g.shape[0], :g.shape[1], :g.shape[2]],
+                                        self.normalize), x.shape[:2], image.shape[:2])
               for b, (image, x, g) in enumerate(zip(images, xs, grids))]
     if not embeddings:
       return scores
     embedding = np.asarray(embedding)
     return scores, [embedding[b, :g.shape[0], :g.shape[1]] for b, g in enumerate(grids)]
+
+
+NORMALIZE = ("none", "class")
+
+
+def normalize(scores: np.ndarray, mode: str) -> np.ndarray:
+  """Rescales an image's walk output (`config.rw.normalize`).
+
+  The walk averages each pixel's scores with its neighbours', so a class's peak falls
+  below the 1 its CAM was normalised to, and falls further the smaller the region it
+  covers: a small object loses to the background around it. `class` divides each
+  channel by its maximum over the image, as the CAMs were before the walk.
+
+  Args:
+    scores: [h, w, L] the walk's output on one image's feature grid.
+    mode: `none` (the reference: unchanged) or `class`.
+
+  Returns:
+    [h, w, L].
+  """
+  if mode == "none":
+    return scores
+  if mode == "class":
+    return scores / (scores.max(axis=(0, 1), keepdims=True) + 1e-5)
+  raise UserError(f"rw.normalize: {mode!r} is not one of {NORMALIZE}")
 
 
 def label_ids(keys: np.ndarray) -> np.ndarray:
