@@ -45,6 +45,11 @@ FREE_LEAVES = frozenset({"steps", "log_every", "ckpt_every", "keep", "progress"}
 FREE_KEYS = frozenset({"crf.num_workers", "data.num_workers"})
 # Groups whose every key may change: how processes find each other.
 FREE_GROUPS = ("distributed",)
+# Keys added to `defaults` after workdirs were written without them, each with the value
+# that does what ran before it existed: a workdir that lacks one reads as that value.
+# Add a key here when you add it to `defaults`.
+ADDED_KEYS = {"cam.imagenet_prior": False, "aff.level_stages": (),
+              "rw.dcrf_unary_weight": 1.0, "rw.normalize": "none"}
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -242,10 +247,24 @@ def _read_record(path: str) -> dict:
   return saved
 
 
+def _with_added_keys(saved: dict) -> dict:
+  """A saved config with the keys of `ADDED_KEYS` it predates, at their old behaviour."""
+  out = json.loads(json.dumps(saved))
+  for key, value in ADDED_KEYS.items():
+    *parents, leaf = key.split(".")
+    group = out
+    for name in parents:
+      group = group.get(name) if isinstance(group, dict) else None
+    if isinstance(group, dict) and leaf not in group:
+      group[leaf] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
 def workdir_config(workdir: str) -> tuple[str, ml_collections.ConfigDict]:
-  """The config that wrote `workdir`: (its name, the locked config, tuples restored)."""
+  """The config that wrote `workdir`: (its name, the locked config, tuples restored,
+  `ADDED_KEYS` it predates filled in)."""
   saved = _read_record(os.path.join(workdir, CONFIG_FILE))
-  config = ml_collections.ConfigDict(_tuples(saved["config"]))
+  config = ml_collections.ConfigDict(_tuples(_with_added_keys(saved["config"])))
   config.lock()
   return saved["config_name"], config
 
@@ -267,6 +286,8 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, config_name: 
   again when only free keys changed (so it always shows the latest run's values);
   with `write=False` only checks (the hosts of a multi-host run but the first).
 
+  A key of `ADDED_KEYS` the saved config lacks counts as its value there.
+
   Raises:
     UserError: the workdir was written by a config that differs in another key.
   """
@@ -275,7 +296,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, config_name: 
   record = {"config_name": config_name, "config": current}
   if os.path.exists(path):
     saved = _read_record(path)
-    saved_name, saved_config = saved["config_name"], saved["config"]
+    saved_name, saved_config = saved["config_name"], _with_added_keys(saved["config"])
     old, new = flatten(saved_config), flatten(current)
     differing = sorted(k for k in set(old) | set(new)
                        if old.get(k, "<missing>") != new.get(k, "<missing>") and not _free(k))

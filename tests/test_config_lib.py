@@ -180,6 +180,25 @@ def test_within_workdir_rules_name_real_keys():
   assert config_lib.FREE_LEAVES <= leaves
   assert config_lib.FREE_KEYS <= set(keys)
   assert all(any(k.startswith(group + ".") for k in keys) for group in config_lib.FREE_GROUPS)
+  # An added key's old behaviour is its default (the defaults do what ran before it).
+  assert {k: keys[k] for k in config_lib.ADDED_KEYS} == config_lib.ADDED_KEYS
+
+
+def test_a_workdir_from_before_a_key_was_added_reads_as_its_old_behaviour(tmp_path):
+  workdir = str(tmp_path / "w")
+  tiny = "configs/scenes.py:tiny"
+  config_lib.check_workdir(config_lib.load_config(tiny), workdir, tiny)
+  path = tmp_path / "w" / "config.json"
+  record = json.loads(path.read_text())
+  del record["config"]["rw"]["normalize"]
+  path.write_text(json.dumps(record))
+  _, saved = config_lib.workdir_config(workdir)
+  assert saved.rw.normalize == "none"
+  with pytest.raises(UserError, match=r"\(rw\.normalize: 'none' there, 'class' now\)"):
+    config_lib.check_workdir(config_lib.load_config(tiny, {"rw.normalize": "class"}),
+                             workdir, tiny)
+  config_lib.check_workdir(config_lib.load_config(tiny), workdir, tiny)
+  assert json.loads(path.read_text())["config"]["rw"]["normalize"] == "none"
 
 
 def test_run_main(capsys):
