@@ -113,6 +113,9 @@ def base_config() -> ml_collections.ConfigDict:
       radius=5,
       border="full",             # "full": every pixel gets edges; "reference": psa's rule
       batch_size=4,              # images per device call, padded to the largest
+      # Also embed the mirrored image and walk on the mean embedding (its mirror
+      # mirrored back): the affinities' counterpart of the CAMs' flipped passes.
+      flip=False,
       # "class": each channel of the walk's output divided by its maximum over the
       # image, as the CAMs were (`inference.walk.normalize`); "none": the reference.
       normalize="none",

@@ -314,3 +314,21 @@ def test_walker_normalize_rescales_each_channel_of_each_image():
   rw.normalize = "max"
   with pytest.raises(UserError, match="rw.normalize: 'max' is not one of"):
     walk.Walker(model, rw)
+
+
+def test_walker_flip_averages_the_mirrored_embedding_and_commutes_with_mirroring():
+  rw = config_lib.load_config("configs/scenes.py:tiny").rw
+  model = heads.AffinityNet("tiny", rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(1)
+  image = rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)   # Width: one 64-px bucket.
+  cam = (rng.uniform(size=(32, 64, 2)).astype(np.float32), np.array([3, 9]))
+  (_,), (plain,) = walk.Walker(model, rw)([image], [cam], embeddings=True)
+  (_,), (mirrored,) = walk.Walker(model, rw)([image[:, ::-1]], [cam], embeddings=True)
+  rw.flip = True
+  walker = walk.Walker(model, rw)
+  (scores,), (both,) = walker([image], [cam], embeddings=True)
+  np.testing.assert_allclose(both, (plain + mirrored[:, ::-1]) / 2, atol=1e-5)
+  assert np.abs(plain - mirrored[:, ::-1]).max() > 1e-3   # The mean is not trivial.
+  # The mean of both is mirror symmetric, so mirroring the input mirrors the walk.
+  (flipped,) = walker([image[:, ::-1]], [(cam[0][:, ::-1], cam[1])])
+  np.testing.assert_allclose(flipped, scores[:, ::-1], atol=1e-4)

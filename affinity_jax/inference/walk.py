@@ -25,7 +25,7 @@ class Walker:
 
   Args:
     model: a trained AffinityNet.
-    rw_config: `config.rw` (alpha, radius, beta, t, border, normalize).
+    rw_config: `config.rw` (alpha, radius, beta, t, border, flip, normalize).
     pad_multiple: a batch's height and width are rounded up to a multiple of this, so
       many image sizes share a few compiled shapes (`batch_inputs`).
     mesh: optional device mesh each batch is split over (see `walker`).
@@ -144,7 +144,7 @@ def walker(model, rw_config, mesh=None):
 
   Args:
     model: a trained AffinityNet.
-    rw_config: `config.rw` (radius, beta, t, border).
+    rw_config: `config.rw` (radius, beta, t, border, flip).
     mesh: optional device mesh: the parameters are replicated on it and each batch is
       split over its `data` axis (the batch must be a multiple of its size); every
       device walks its own images (`jax.shard_map`).
@@ -153,7 +153,9 @@ def walker(model, rw_config, mesh=None):
     (walk, state): `walk(state, x [B,H,W,3], cams [B,H/8,W/8,L], valid
     [B,H/8,W/8] bool, or None without a mesh) -> (scores [B,H/8,W/8,L], embedding
     [B,H/8,W/8,D])`
-    and the model's nnx state.
+    and the model's nnx state. With `rw_config.flip` the embedding is the mean of the
+    batch's and its mirror image's (mirrored back; W must be a multiple of 8 so that
+    the cells line up).
   """
   graphdef, state = nnx.split(model)
   r = rw_config
@@ -174,6 +176,8 @@ def walker(model, rw_config, mesh=None):
     # Two jits, the embedding staying on the device: on one CPU device `propagate`
     # compiles with its own (CPU) options.
     embedding = embed(state, x)
+    if r.flip:
+      embedding = (embedding + jnp.flip(embed(state, jnp.flip(x, 2)), 2)) / 2
     return propagate(cams, embedding, valid), embedding
 
   return walk, state
