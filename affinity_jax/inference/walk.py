@@ -36,9 +36,7 @@ class Walker:
     self.walk, self.state = walker(model, rw_config, mesh)
     self.normalization = model.backbone.normalization
     self.alpha = rw_config.alpha
-    if rw_config.normalize not in NORMALIZE:
-      raise UserError(f"rw.normalize: {rw_config.normalize!r} is not one of {NORMALIZE}")
-    self.normalize = rw_config.normalize
+    self.normalize = _checked(rw_config.normalize)
     self.pad_multiple = pad_multiple
     self.devices = 1 if mesh is None else mesh.size
 
@@ -93,11 +91,15 @@ def normalize(scores: np.ndarray, mode: str) -> np.ndarray:
   Returns:
     [h, w, L].
   """
-  if mode == "none":
-    return scores
-  if mode == "class":
+  if _checked(mode) == "class":
     return scores / (scores.max(axis=(0, 1), keepdims=True) + 1e-5)
-  raise UserError(f"rw.normalize: {mode!r} is not one of {NORMALIZE}")
+  return scores
+
+
+def _checked(mode: str) -> str:
+  if mode not in NORMALIZE:
+    raise UserError(f"rw.normalize: {mode!r} is not one of {NORMALIZE}")
+  return mode
 
 
 def label_ids(keys: np.ndarray) -> np.ndarray:
