@@ -307,10 +307,21 @@ def test_a_lone_death_fails_the_other_and_both_resume(tiny_workdir, tmp_path):
 
 
 def _written(folder: str) -> dict[str, tuple[int, int]]:
-  """The .npz files in `folder`, each with (inode, mtime): a rewrite changes both."""
+  """The finished .npz files in `folder`, each with (inode, mtime): a rewrite changes both.
+
+  A writer's temporary file (`.tmp-*`, see `affinity_jax.io`) is not a written file, and
+  it can be renamed away between the listing and the stat while the processes run.
+  """
   names = os.listdir(folder) if os.path.isdir(folder) else []
-  return {n: (st.st_ino, st.st_mtime_ns) for n in names if n.endswith(".npz")
-          for st in [os.stat(os.path.join(folder, n))]}
+  written = {}
+  for n in names:
+    if n.endswith(".npz") and not n.startswith("."):
+      try:
+        st = os.stat(os.path.join(folder, n))
+      except FileNotFoundError:
+        continue
+      written[n] = (st.st_ino, st.st_mtime_ns)
+  return written
 
 
 @pytest.fixture(scope="module")
