@@ -49,7 +49,8 @@ FREE_GROUPS = ("distributed",)
 # that does what ran before it existed: a workdir that lacks one reads as that value.
 # Add a key here when you add it to `defaults`.
 ADDED_KEYS = {"cam.imagenet_prior": False, "aff.level_stages": (),
-              "rw.dcrf_unary_weight": 1.0, "rw.flip": False, "rw.normalize": "none"}
+              "rw.dcrf_unary_weight": 1.0, "rw.flip": False, "rw.normalize": "none",
+              "rw.scales": (1.0,)}
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -116,6 +116,10 @@ def base_config() -> ml_collections.ConfigDict:
       # Also embed the mirrored image and walk on the mean embedding (its mirror
       # mirrored back): the affinities' counterpart of the CAMs' flipped passes.
       flip=False,
+      # Image scales AffinityNet embeds the image at (each also mirrored with `flip`),
+      # each embedding resized back to the 1/8 grid and averaged; the walk always runs
+      # on the unscaled image's grid. (1.0,): the reference's single pass.
+      scales=(1.0,),
       # "class": each channel of the walk's output divided by its maximum over the
       # image, as the CAMs were (`inference.walk.normalize`); "none": the reference.
       normalize="none",

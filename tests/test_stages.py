@@ -316,6 +316,41 @@ def test_walker_normalize_rescales_each_channel_of_each_image():
     walk.Walker(model, rw)
 
 
+class _CellMeans(nnx.Module):
+  """A stand-in AffinityNet whose embedding is each 8x8 cell's mean colour."""
+
+  def __call__(self, x, *, train):
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 8, 8, w // 8, 8, c).mean(axis=(2, 4)), {}
+
+
+def test_walker_scales_embed_resized_images_on_the_unscaled_grid():
+  # On a linear ramp every cell's mean is the ramp at the cell's centre, at any scale:
+  # an embedding resized back onto the wrong cells (half a cell off) shows as an offset.
+  rw = config_lib.load_config("configs/scenes.py:tiny").rw
+  yy, xx = np.mgrid[:96, :128].astype(np.float32)
+  x = np.stack([0.03 * xx, 0.05 * yy, 0.02 * (xx + yy)], -1)[None]
+  cams = np.zeros((1, 12, 16, 8), np.float32)
+  embeddings = {}
+  for scales in [(1.0,), (2.0,), (1.5,), (0.5,), (1.0, 1.5, 2.0)]:
+    rw.scales = scales
+    fn, state = walk.walker(_CellMeans(), rw)
+    _, embeddings[scales] = fn(state, jax.numpy.asarray(x), jax.numpy.asarray(cams))
+    assert embeddings[scales].shape == (1, 12, 16, 3)
+  base = np.asarray(embeddings[(1.0,)])
+  np.testing.assert_allclose(base[0, 2, 3], [0.03 * 27.5, 0.05 * 19.5, 0.02 * 47], rtol=1e-5)
+  for scales in [(2.0,), (1.5,), (1.0, 1.5, 2.0)]:   # Away from the clamped borders.
+    np.testing.assert_allclose(np.asarray(embeddings[scales])[0, 1:-1, 1:-1],
+                               base[0, 1:-1, 1:-1], atol=1e-4, err_msg=str(scales))
+  # Shrunk 2x, each cell covers 2x2 of the grid; inside, the ramp is still exact.
+  np.testing.assert_allclose(np.asarray(embeddings[(0.5,)])[0, 3:-3, 3:-3],
+                             base[0, 3:-3, 3:-3], atol=1e-4)
+  for bad in [(), (0.0,), (1.0, "x")]:
+    rw.scales = bad
+    with pytest.raises(UserError, match="rw.scales: .* expected one or more scales"):
+      walk.walker(_CellMeans(), rw)
+
+
 def test_walker_flip_averages_the_mirrored_embedding_and_commutes_with_mirroring():
   rw = config_lib.load_config("configs/scenes.py:tiny").rw
   model = heads.AffinityNet("tiny", rngs=nnx.Rngs(0))

@@ -25,7 +25,7 @@ class Walker:
 
   Args:
     model: a trained AffinityNet.
-    rw_config: `config.rw` (alpha, radius, beta, t, border, flip, normalize).
+    rw_config: `config.rw` (alpha, radius, beta, t, border, flip, scales, normalize).
     pad_multiple: a batch's height and width are rounded up to a multiple of this, so
       many image sizes share a few compiled shapes (`batch_inputs`).
     mesh: optional device mesh each batch is split over (see `walker`).
@@ -146,7 +146,7 @@ def walker(model, rw_config, mesh=None):
 
   Args:
     model: a trained AffinityNet.
-    rw_config: `config.rw` (radius, beta, t, border, flip).
+    rw_config: `config.rw` (radius, beta, t, border, flip, scales).
     mesh: optional device mesh: the parameters are replicated on it and each batch is
       split over its `data` axis (the batch must be a multiple of its size); every
       device walks its own images (`jax.shard_map`).
@@ -157,7 +157,9 @@ def walker(model, rw_config, mesh=None):
     [B,H/8,W/8,D])`
     and the model's nnx state. With `rw_config.flip` the embedding is the mean of the
     batch's and its mirror image's (mirrored back; W must be a multiple of 8 so that
-    the cells line up).
+    the cells line up). With several `rw_config.scales` it is the mean of the
+    embeddings of the batch resized by each scale (bilinear), each resized back to
+    the [H/8, W/8] grid; the walk itself always runs on that grid.
   """
   graphdef, state = nnx.split(model)
   r = rw_config
@@ -173,16 +175,48 @@ def walker(model, rw_config, mesh=None):
                                       out_specs=batch, check_vma=False))
   embed, state = mesh_lib.jit_over_batch(
       lambda state, x: nnx.merge(graphdef, state)(x, train=False)[0], state, mesh)
+  scales = checked_scales(r.scales)
 
-  def walk(state, x, cams, valid=None):
-    # Two jits, the embedding staying on the device: on one CPU device `propagate`
-    # compiles with its own (CPU) options.
+  def embed_at(state, x, scale):
+    # The whole padded batch is resized, so each image keeps its place on the canvas;
+    # the scaled canvas is a multiple of 8 and its cells are resized back onto the
+    # canvas's own grid (half-pixel centres line up: cell k's centre stays at 8k + 4).
+    grid = (x.shape[1] // STRIDE, x.shape[2] // STRIDE)
+    if scale != 1.0:
+      x = _resize(x, tuple(STRIDE * max(1, round(n * scale)) for n in grid))
     embedding = embed(state, x)
     if r.flip:
       embedding = (embedding + jnp.flip(embed(state, jnp.flip(x, 2)), 2)) / 2
+    # Plain interpolation back: an antialiasing kernel's samples off the cell centres
+    # would move each cell by up to 1/50 of a cell.
+    return embedding if scale == 1.0 else _resize(embedding, grid, False)
+
+  def walk(state, x, cams, valid=None):
+    # Separate jits, the embedding staying on the device: on one CPU device `propagate`
+    # compiles with its own (CPU) options.
+    embedding = sum(embed_at(state, x, s) for s in scales) / len(scales)
     return propagate(cams, embedding, valid), embedding
 
   return walk, state
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _resize(x: jax.Array, size: tuple[int, int], antialias: bool = True) -> jax.Array:
+  """Bilinear resize of [B, H, W, C] to [B, *size, C]."""
+  return jax.image.resize(x, (x.shape[0],) + size + x.shape[3:], "bilinear",
+                          antialias=antialias)
+
+
+def checked_scales(scales) -> tuple[float, ...]:
+  """`config.rw.scales` as floats, or a UserError naming the key."""
+  try:
+    out = tuple(float(s) for s in scales)
+  except (TypeError, ValueError):
+    out = ()
+  if not out or not all(0 < s <= 4 for s in out):
+    raise UserError(f"rw.scales: {scales!r}; expected one or more scales in (0, 4], "
+                    "e.g. (1.0,) or (1.0, 1.5)")
+  return out
 
 
 def batch_inputs(images: list[np.ndarray], grids: list[np.ndarray], bucket: int
