@@ -148,3 +148,30 @@ def test_preview_grid_shows_scenes_and_masks():
   assert grid.shape == (2 * 64 + 4, 2 * (64 + 4), 3)
   image, mask, _ = scenes.render_scene(3, 1, PARAMS)
   np.testing.assert_array_equal(grid[:64, 68:132], image)
+
+
+def test_source_keeps_decoded_examples_read_only_within_its_budget(tmp_path, monkeypatch):
+  cfg = dict(image_size=32, num_train=4, num_val=1)
+  sources.prepare("scenes", str(tmp_path), **cfg)
+  decoded = []
+  real = sources.decode_example
+  monkeypatch.setattr(sources, "decode_example", lambda raw: decoded.append(1) or real(raw))
+  example = sources.open_split("scenes", "train", str(tmp_path), cache_bytes=0, **cfg)[0]
+  one = sum(v.nbytes for v in example.values() if isinstance(v, np.ndarray))
+  decoded.clear()
+  src = sources.open_split("scenes", "train", str(tmp_path), cache_bytes=2 * one, **cfg)
+  first = [src[i] for i in range(4)]
+  again = [src[i] for i in range(4)]
+  assert len(decoded) == 4 + 2   # Two fit the budget; the other two decode every time.
+  for a, b in zip(first, again):
+    assert a["id"] == b["id"]
+    np.testing.assert_array_equal(a["image"], b["image"])
+  with pytest.raises(ValueError, match="read-only"):
+    again[0]["image"][0, 0] = 0   # A transform writing in place would corrupt the cache.
+  again[0]["image"] = None        # The dict is the caller's own.
+  assert src[0]["image"] is not None
+  # A worker process gets the source without the cache, and its whole budget.
+  copy = pickle.loads(pickle.dumps(src))
+  decoded.clear()
+  [copy[i] for i in range(4)] + [copy[i] for i in range(4)]
+  assert len(decoded) == 4 + 2
