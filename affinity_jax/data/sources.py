@@ -89,6 +89,7 @@ class DecodedSource:
     self._args = (dataset, split, data_dir, params)
     self._source = None
     self._lock = threading.Lock()
+    self._cache_bytes = cache_bytes
     self._cache, self._cache_left = {}, cache_bytes
     builder = make_builder(dataset, data_dir, **params)
     if not builder.is_prepared():
@@ -140,9 +141,7 @@ class DecodedSource:
     # Worker processes reopen the files themselves.
     state = dict(self.__dict__)
     state["_source"] = None
-    state["_cache_left"] += sum(v.nbytes for e in self._cache.values()
-                                for v in e.values() if isinstance(v, np.ndarray))
-    state["_cache"] = {}
+    state["_cache"], state["_cache_left"] = {}, self._cache_bytes
     del state["_lock"]
     return state
 
