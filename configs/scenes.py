@@ -8,8 +8,9 @@ the body to recover, as on real images.
   python -m affinity_jax.main --config=configs/scenes.py --workdir=/tmp/scenes
 
 Expected (2 CPU cores, 5 to 8 minutes; 6 min 51 s on a 2-core Intel Xeon, Ice Lake):
-CAM+RW at least 10 mIoU points above CAM in /tmp/scenes/eval/results.md. `configs/scenes.py:tiny` is the seconds-long variant the
-tests run (numbers meaningless).
+CAM+RW at least 10 mIoU points above CAM in /tmp/scenes/eval/results.md.
+`configs/scenes.py:tiny` is the seconds-long variant the tests run (numbers
+meaningless).
 """
 
 from affinity_jax import config_lib

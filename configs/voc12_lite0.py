@@ -61,9 +61,8 @@ def cpu(c):
   background powers scaled to Lite0's flatter CAMs; a sharper walk (beta 32) for
   affinities that stay well above zero across boundaries, on the mean embedding of the
   image and its mirror at scales 1 and 1.5, each class's walked score divided by its
-  peak; the walk's
-  scores weighted 4x against the post-walk dCRF's pairwise terms; fewer steps, smaller
-  crops and two inference scales for time.
+  peak; the walk's scores weighted 4x against the post-walk dCRF's pairwise terms;
+  fewer steps, smaller crops and two inference scales for time.
   """
   c.data.manual_dir = "../shared/voc_dev"
   c.data.train_split = c.data.label_split = c.data.eval_split = "train"

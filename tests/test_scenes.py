@@ -173,5 +173,6 @@ def test_source_keeps_decoded_examples_read_only_within_its_budget(tmp_path, mon
   # A worker process gets the source without the cache, and its whole budget.
   copy = pickle.loads(pickle.dumps(src))
   decoded.clear()
-  [copy[i] for i in range(4)] + [copy[i] for i in range(4)]
+  for i in list(range(4)) * 2:
+    copy[i]
   assert len(decoded) == 4 + 2

@@ -129,15 +129,10 @@ def walk_input(cams: np.ndarray, keys: np.ndarray, alpha: float, padded: tuple[i
   return full.reshape(h, STRIDE, w, STRIDE, -1).mean(axis=(1, 3))
 
 
-@functools.lru_cache(maxsize=None)
-def _upsample(grid: tuple[int, int, int], padded: tuple[int, int]):
-  return jax.jit(lambda x: jax.image.resize(x, padded + (grid[2],), "bilinear"))
-
-
 def scores_to_image(scores: np.ndarray, padded: tuple[int, int], size: tuple[int, int]
                     ) -> np.ndarray:
   """[h, w, L] walk output -> [H, W, L]: bilinear to the padded size, then cropped."""
-  up = _upsample(scores.shape, padded)(jnp.asarray(scores))
+  up = _resize(jnp.asarray(scores)[None], tuple(padded))[0]
   return np.asarray(up)[:size[0], :size[1]]
 
 
