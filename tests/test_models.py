@@ -255,9 +255,12 @@ def _grouped_conv(x, kernel, stride, dilation):
 @pytest.mark.parametrize("k,stride,dilation,size", [(3, 2, 1, (9, 12)), (5, 1, 2, (7, 8)),
                                                     (5, 2, 1, (8, 11)), (3, 1, 4, (6, 6)),
                                                     (5, 1, 4, (10, 9)), (3, 1, 1, (5, 7))])
-def test_depthwise_conv_gradients_match_autodiff(k, stride, dilation, size):
+@pytest.mark.parametrize("max_rows", [32, 3])
+def test_depthwise_conv_gradients_match_autodiff(k, stride, dilation, size, max_rows, monkeypatch):
   # The hand-written backward against autodiff of XLA's grouped convolution (the same
   # function), for the input and the kernel, under a loss that weights every output.
+  # max_rows 3 splits the kernel gradient's rows into groups, the last one zero-padded.
+  monkeypatch.setattr(layers, "KERNEL_GRAD_MAX_ROWS", max_rows)
   x = jax.random.normal(jax.random.key(1), (3, *size, 5))
   kernel = jax.random.normal(jax.random.key(2), (k, k, 1, 5))
   weights = jax.random.normal(jax.random.key(3), _grouped_conv(x, kernel, stride, dilation).shape)

@@ -158,6 +158,49 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, dilation: int) 
   return out
 
 
+# Rows of the cotangent summed inside one elementwise fusion per kernel tap (see below).
+KERNEL_GRAD_MAX_ROWS = 32
+
+
+def _depthwise_kernel_grad(xp: jax.Array, g: jax.Array, k: int, stride: int,
+                           dilation: int) -> jax.Array:
+  """The depthwise kernel gradient sum_{b,h,w} xp[b, h*s + i*d, w*s + j*d, c] * g[b, h, w, c].
+
+  Per tap (i, j) the products of up to `KERNEL_GRAD_MAX_ROWS` rows are added as one
+  expression of strided slices, which XLA fuses into one loop that reads x and g where
+  they lie; only a [B, groups, Wo, C] partial sum per tap is written and then reduced.
+  A reduction of each tap's product instead makes XLA copy every tap out first (its
+  YNN reduction does not fuse slices): twice the memory traffic (docs/models.md).
+
+  Args:
+    xp: [B, Hp, Wp, C], the padded input.
+    g: [B, Ho, Wo, C], the output cotangent.
+    k, stride, dilation: the convolution's kernel size, stride and dilation.
+
+  Returns:
+    [k * k, C], taps in row-major order.
+  """
+  b, ho, wo, c = g.shape
+  groups = -(-ho // KERNEL_GRAD_MAX_ROWS)
+  rows = -(-ho // groups)   # Output rows summed per group; zero rows pad ho up to groups * rows.
+  g = jnp.pad(g, ((0, 0), (0, groups * rows - ho), (0, 0), (0, 0)))
+  need = (groups * rows - 1) * stride + (k - 1) * dilation + 1
+  xp = jnp.pad(xp, ((0, 0), (0, max(need - xp.shape[1], 0)), (0, 0), (0, 0)))
+  taps = []
+  for i in range(k):
+    for j in range(k):
+      total = None
+      for q in range(rows):   # rows q, q + rows, q + 2 * rows, ... of every group
+        r0, c0 = q * stride + i * dilation, j * dilation
+        xs = jax.lax.slice(xp, (0, r0, c0, 0),
+                           (b, r0 + (groups - 1) * rows * stride + 1, c0 + (wo - 1) * stride + 1, c),
+                           (1, rows * stride, stride, 1))
+        gs = jax.lax.slice(g, (0, q, 0, 0), (b, q + (groups - 1) * rows + 1, wo, c), (1, rows, 1, 1))
+        total = xs * gs if total is None else total + xs * gs
+      taps.append(total)
+  return jnp.sum(jnp.stack(taps), axis=(1, 2, 3))
+
+
 def _depthwise_fwd(x, kernel, stride, dilation):
   return depthwise_conv(x, kernel, stride, dilation), (x, kernel)
 
@@ -171,28 +214,24 @@ def _depthwise_bwd(stride, dilation, residuals, g):
   pads, out_hw = _depthwise_geometry(x.shape, k, stride, dilation)
   xp = jnp.pad(x, pads)
 
-  # Kernel gradient: sum over positions of tap * g, one image at a time, so the taps of
-  # an image stay in cache instead of streaming k*k batch-sized temporaries.
-  def image(total, xg):
-    xi, gi = xg[0][None], xg[1][None]
-    return total + jnp.stack([jnp.sum(tap * gi, axis=(0, 1, 2))
-                              for _, tap in _taps(xi, k, stride, dilation, out_hw)]), None
+  dkernel = _depthwise_kernel_grad(xp, g, k, stride, dilation).reshape(k, k, 1, x.shape[3])
+  dkernel = dkernel.astype(kernel.dtype)
 
-  dkernel, _ = jax.lax.scan(image, jnp.zeros((k * k, x.shape[3]), g.dtype), (xp, g))
-  dkernel = dkernel.reshape(k, k, 1, x.shape[3]).astype(kernel.dtype)
-
-  # Input gradient: the transposed convolution, i.e. g dilated by the stride, padded by
-  # the kernel's span and correlated with the flipped kernel, read where x was.
+  # Input gradient: the transposed convolution, i.e. g dilated by the stride and
+  # correlated with the flipped kernel, read where x was. g is padded only as far as
+  # those reads reach: padding it by the whole span on both sides made XLA write out a
+  # map 5x the size of g for Lite0's dilation-4 layers (docs/models.md).
   span = (k - 1) * dilation
   (top, _), (left, _) = pads[1], pads[2]
   (ho, wo), s = out_hw, stride
+  first_row, first_col = top - span, left - span   # in the dilated g's coordinates
   gp = jax.lax.pad(g, jnp.zeros((), g.dtype),
-                   ((0, 0, 0), (span, xp.shape[1] - (ho - 1) * s - 1, s - 1),
-                    (span, xp.shape[2] - (wo - 1) * s - 1, s - 1), (0, 0, 0)))
+                   ((0, 0, 0), (-first_row, x.shape[1] - 1 + top - (ho - 1) * s, s - 1),
+                    (-first_col, x.shape[2] - 1 + left - (wo - 1) * s, s - 1), (0, 0, 0)))
   dx = None
   for i in range(k):
     for j in range(k):
-      r, c = top + span - i * dilation, left + span - j * dilation
+      r, c = top - i * dilation - first_row, left - j * dilation - first_col
       tap = jax.lax.slice(gp, (0, r, c, 0), (x.shape[0], r + x.shape[1], c + x.shape[2], x.shape[3]))
       dx = tap * kernel[i, j, 0] if dx is None else dx + tap * kernel[i, j, 0]
   return dx, dkernel
