@@ -192,10 +192,10 @@ def _depthwise_kernel_grad(xp: jax.Array, g: jax.Array, k: int, stride: int,
       total = None
       for q in range(rows):   # rows q, q + rows, q + 2 * rows, ... of every group
         r0, c0 = q * stride + i * dilation, j * dilation
-        xs = jax.lax.slice(xp, (0, r0, c0, 0),
-                           (b, r0 + (groups - 1) * rows * stride + 1, c0 + (wo - 1) * stride + 1, c),
-                           (1, rows * stride, stride, 1))
-        gs = jax.lax.slice(g, (0, q, 0, 0), (b, q + (groups - 1) * rows + 1, wo, c), (1, rows, 1, 1))
+        r1, c1 = r0 + (groups - 1) * rows * stride + 1, c0 + (wo - 1) * stride + 1
+        xs = jax.lax.slice(xp, (0, r0, c0, 0), (b, r1, c1, c), (1, rows * stride, stride, 1))
+        gs = jax.lax.slice(g, (0, q, 0, 0), (b, q + (groups - 1) * rows + 1, wo, c),
+                           (1, rows, 1, 1))
         total = xs * gs if total is None else total + xs * gs
       taps.append(total)
   return jnp.sum(jnp.stack(taps), axis=(1, 2, 3))
@@ -224,14 +224,15 @@ def _depthwise_bwd(stride, dilation, residuals, g):
   span = (k - 1) * dilation
   (top, _), (left, _) = pads[1], pads[2]
   (ho, wo), s = out_hw, stride
-  first_row, first_col = top - span, left - span   # in the dilated g's coordinates
+  # The reads start span - top rows (columns) before the dilated g and end at row
+  # H - 1 + top (column W - 1 + left) of it.
   gp = jax.lax.pad(g, jnp.zeros((), g.dtype),
-                   ((0, 0, 0), (-first_row, x.shape[1] - 1 + top - (ho - 1) * s, s - 1),
-                    (-first_col, x.shape[2] - 1 + left - (wo - 1) * s, s - 1), (0, 0, 0)))
+                   ((0, 0, 0), (span - top, x.shape[1] - 1 + top - (ho - 1) * s, s - 1),
+                    (span - left, x.shape[2] - 1 + left - (wo - 1) * s, s - 1), (0, 0, 0)))
   dx = None
   for i in range(k):
     for j in range(k):
-      r, c = top - i * dilation - first_row, left - j * dilation - first_col
+      r, c = span - i * dilation, span - j * dilation
       tap = jax.lax.slice(gp, (0, r, c, 0), (x.shape[0], r + x.shape[1], c + x.shape[2], x.shape[3]))
       dx = tap * kernel[i, j, 0] if dx is None else dx + tap * kernel[i, j, 0]
   return dx, dkernel
@@ -246,7 +247,7 @@ class DepthwiseConv(nnx.Module):
   The kernel has `nnx.Conv`'s layout for `feature_group_count=C`: [k, k, 1, C].
   Shifted slices instead of XLA's grouped convolution: on CPU several times faster
   forward and backward (docs/models.md has the measurements); the backward is written
-  out (`jax.custom_vjp`) so that it streams through cache-sized pieces.
+  out (`jax.custom_vjp`) so that XLA fuses each tap's work instead of copying taps out.
   """
 
   def __init__(self, channels: int, k: int, *, rngs: nnx.Rngs, stride: int = 1,
