@@ -6,8 +6,9 @@ The notebooks' first cell runs this after cloning the repository. It:
    (`TPU_NAME`, `COLAB_TPU_ADDR`, `TPU_ACCELERATOR_TYPE`, `/dev/accel*`, `/dev/vfio/<n>`)
    or neither;
 2. keeps the installed jax when it can use that accelerator (Colab's GPU and TPU runtimes
-   ship jax with the CUDA plugin or libtpu) and is new enough for the locked Flax, Optax
-   and Orbax; otherwise installs `jax[cuda12]`, `jax[tpu]` or plain jax at the version
+   ship jax with the CUDA plugin or libtpu) and is of a release series the locked Flax,
+   Optax and Orbax work with (from MIN_JAX up to the locked jax's minor series);
+   otherwise installs `jax[cuda12]`, `jax[tpu]` or plain jax at the version
    pinned in requirements.lock;
 3. installs the lock's other runtime packages (not the test and notebook tools, so the
    runtime's own Jupyter stays) with `--no-deps`, then the package itself with
@@ -37,6 +38,12 @@ LOCK = os.path.join(REPO, "requirements.lock")
 # those packages are installed with --no-deps and would otherwise break on import.
 # tests/test_colab_install.py checks this against the installed packages' metadata.
 MIN_JAX = "0.10.0"
+
+# The newest jax series kept: the locked one. A newer minor release can drop what the
+# locked Flax imports: on an H200 runtime with jax 0.11.2, flax 0.12.8's nnx failed to
+# import (`jax.experimental.hijax` has no `HiPrimitive`), while that runtime's own flax
+# 0.12.10 ran the whole pipeline. tests/test_colab_install.py checks this against the lock.
+MAX_JAX_SERIES = "0.10"
 
 # Distributions that make up a jax installation, whose versions decide whether to keep it.
 JAX_DISTRIBUTIONS = ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt",
@@ -167,11 +174,13 @@ def jax_matches(accelerator: str, installed: Mapping[str, str]) -> bool:
     installed: distribution name -> version, for the installed JAX_DISTRIBUTIONS.
 
   Returns:
-    True when jax and jaxlib are installed, jax is at least MIN_JAX, and, on a GPU, the
-    CUDA plugin of jax's version is installed or, on a TPU, libtpu.
+    True when jax and jaxlib are installed, jax is at least MIN_JAX and of a series no
+    newer than MAX_JAX_SERIES, and, on a GPU, the CUDA plugin of jax's version is
+    installed or, on a TPU, libtpu.
   """
   jax, jaxlib = installed.get("jax"), installed.get("jaxlib")
-  if not jax or not jaxlib or version_tuple(jax) < version_tuple(MIN_JAX):
+  if (not jax or not jaxlib or version_tuple(jax) < version_tuple(MIN_JAX)
+      or version_tuple(jax)[:2] > version_tuple(MAX_JAX_SERIES)):
     return False
   if accelerator == "gpu":
     # A CUDA plugin and its PJRT runtime of jax's own version (jaxlib itself has no CUDA

@@ -29,6 +29,9 @@ CUDA_JAX = {**CPU_JAX, "jax-cuda12-plugin": JAX, "jax-cuda12-pjrt": JAX}
 TPU_JAX = {**CPU_JAX, "libtpu": "0.0.30"}
 OLD_CUDA_JAX = {"jax": "0.7.2", "jaxlib": "0.7.2", "jax-cuda12-plugin": "0.7.2",
                 "jax-cuda12-pjrt": "0.7.2"}
+# What the H200 machine of session 18 ran: a newer series than the locked flax imports on.
+NEW_CUDA_JAX = {"jax": "0.11.2", "jaxlib": "0.11.2", "jax-cuda13-plugin": "0.11.2",
+                "jax-cuda13-pjrt": "0.11.2"}
 
 
 def _locked(name):
@@ -100,6 +103,9 @@ def test_detects_the_accelerator(env, devices, smi, expected):
     ("gpu", {**CUDA_JAX, "jax-cuda12-pjrt": "0.10.1"}, False),
     ("gpu", {"jax": "0.4.25", "jaxlib": "0.4.25+cuda12.cudnn89"}, False),   # Too old.
     ("gpu", OLD_CUDA_JAX, False),      # Older than the locked flax accepts.
+    ("gpu", NEW_CUDA_JAX, False),      # Newer than the locked flax imports on.
+    ("cpu", {"jax": "0.11.2", "jaxlib": "0.11.2"}, False),
+    ("tpu", {**TPU_JAX, "jax": "0.11.2", "jaxlib": "0.11.2"}, False),
     ("gpu", {}, False),
     ("tpu", TPU_JAX, True),
     ("tpu", CUDA_JAX, False),
@@ -160,6 +166,10 @@ def test_min_jax_is_what_the_locked_jax_users_declare():
         floors.append(install.version_tuple(m.group(1)))
   assert install.version_tuple(install.MIN_JAX) == max(floors)
   assert install.version_tuple(JAX) >= install.version_tuple(install.MIN_JAX)
+
+
+def test_max_jax_series_is_the_locked_jax_series():
+  assert install.version_tuple(install.MAX_JAX_SERIES) == install.version_tuple(JAX)[:2]
 
 
 def test_dry_run_on_this_machine_prints_the_plan(capsys):
