@@ -7,7 +7,7 @@ The notebooks' first cell runs this after cloning the repository. It:
    or neither;
 2. keeps the installed jax when it can use that accelerator (Colab's GPU and TPU runtimes
    ship jax with the CUDA plugin or libtpu) and is of a release series the locked Flax,
-   Optax and Orbax work with (from MIN_JAX up to the locked jax's minor series);
+   Optax and Orbax work with (from MIN_JAX up to the locked jax's minor release);
    otherwise installs `jax[cuda12]`, `jax[tpu]` or plain jax at the version
    pinned in requirements.lock;
 3. installs the lock's other runtime packages (not the test and notebook tools, so the
@@ -38,12 +38,6 @@ LOCK = os.path.join(REPO, "requirements.lock")
 # those packages are installed with --no-deps and would otherwise break on import.
 # tests/test_colab_install.py checks this against the installed packages' metadata.
 MIN_JAX = "0.10.0"
-
-# The newest jax series kept: the locked one. A newer minor release can drop what the
-# locked Flax imports: on an H200 runtime with jax 0.11.2, flax 0.12.8's nnx failed to
-# import (`jax.experimental.hijax` has no `HiPrimitive`), while that runtime's own flax
-# 0.12.10 ran the whole pipeline. tests/test_colab_install.py checks this against the lock.
-MAX_JAX_SERIES = "0.10"
 
 # Distributions that make up a jax installation, whose versions decide whether to keep it.
 JAX_DISTRIBUTIONS = ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt",
@@ -166,21 +160,25 @@ def detect_accelerator(env: Mapping[str, str], devices: Iterable[str],
   return "cpu"
 
 
-def jax_matches(accelerator: str, installed: Mapping[str, str]) -> bool:
+def jax_matches(accelerator: str, installed: Mapping[str, str], locked_jax: str) -> bool:
   """Whether the installed jax can run on `accelerator` and is new enough to keep.
 
   Args:
     accelerator: "gpu", "tpu" or "cpu".
     installed: distribution name -> version, for the installed JAX_DISTRIBUTIONS.
+    locked_jax: the lock's jax version; a newer minor release is not kept, since it
+      can drop what the locked Flax imports (on an H200 runtime with jax 0.11.2, flax
+      0.12.8's nnx failed to import: `jax.experimental.hijax` has no `HiPrimitive`,
+      while that runtime's own flax 0.12.10 ran the whole pipeline).
 
   Returns:
-    True when jax and jaxlib are installed, jax is at least MIN_JAX and of a series no
-    newer than MAX_JAX_SERIES, and, on a GPU, the CUDA plugin of jax's version is
-    installed or, on a TPU, libtpu.
+    True when jax and jaxlib are installed, jax is at least MIN_JAX and of a minor
+    release no newer than `locked_jax`'s, and, on a GPU, the CUDA plugin of jax's
+    version is installed or, on a TPU, libtpu.
   """
   jax, jaxlib = installed.get("jax"), installed.get("jaxlib")
   if (not jax or not jaxlib or version_tuple(jax) < version_tuple(MIN_JAX)
-      or version_tuple(jax)[:2] > version_tuple(MAX_JAX_SERIES)):
+      or version_tuple(jax)[:2] > version_tuple(locked_jax)[:2]):
     return False
   if accelerator == "gpu":
     # A CUDA plugin and its PJRT runtime of jax's own version (jaxlib itself has no CUDA
@@ -214,8 +212,8 @@ def plan(accelerator: str, installed: Mapping[str, str], pins: list[Pin],
     except jax's own distributions, then the package; both with --no-deps.
   """
   commands = []
-  if not jax_matches(accelerator, installed):
-    jax = locked_version(pins, "jax")
+  jax = locked_version(pins, "jax")
+  if not jax_matches(accelerator, installed, jax):
     jaxlib = locked_version(pins, "jaxlib")
     commands.append(pip(f"jax{JAX_EXTRAS[accelerator]}=={jax}", f"jaxlib=={jaxlib}"))
   rest = [p.line for p in runtime_pins(pins) if not is_jax_distribution(p.name)]
@@ -258,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
   installed = installed_jax()
   with open(LOCK) as f:
     pins = read_lock(f.read())
-  kept = jax_matches(accelerator, installed)
+  kept = jax_matches(accelerator, installed, locked_version(pins, "jax"))
   print(f"accelerator: {accelerator}; installed jax: "
         f"{', '.join(f'{k} {v}' for k, v in installed.items()) or 'none'}; "
         f"{'keeping it' if kept else 'installing the locked jax for it'}", flush=True)

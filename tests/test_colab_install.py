@@ -114,7 +114,7 @@ def test_detects_the_accelerator(env, devices, smi, expected):
 ])
 def test_keeps_or_installs_jax_for_the_runtime(accelerator, installed, keeps):
   commands = install.plan(accelerator, installed, PINS, REPO)
-  assert install.jax_matches(accelerator, installed) == keeps
+  assert install.jax_matches(accelerator, installed, JAX) == keeps
   assert len(commands) == (2 if keeps else 3)
   if not keeps:
     extra = {"cpu": "", "gpu": "[cuda12]", "tpu": "[tpu]"}[accelerator]
@@ -168,8 +168,13 @@ def test_min_jax_is_what_the_locked_jax_users_declare():
   assert install.version_tuple(JAX) >= install.version_tuple(install.MIN_JAX)
 
 
-def test_max_jax_series_is_the_locked_jax_series():
-  assert install.version_tuple(install.MAX_JAX_SERIES) == install.version_tuple(JAX)[:2]
+def test_keeps_the_locked_minor_release_and_not_the_next():
+  major, minor = install.version_tuple(JAX)[:2]
+  same, next_minor = f"{major}.{minor}.99", f"{major}.{minor + 1}.0"
+  for version, keeps in ((same, True), (next_minor, False)):
+    installed = {"jax": version, "jaxlib": version, "jax-cuda12-plugin": version}
+    assert install.jax_matches("gpu", installed, JAX) == keeps
+    assert len(install.plan("gpu", installed, PINS, REPO)) == (2 if keeps else 3)
 
 
 def test_dry_run_on_this_machine_prints_the_plan(capsys):
