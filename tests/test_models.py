@@ -259,7 +259,7 @@ def _grouped_conv(x, kernel, stride, dilation):
 def test_depthwise_conv_gradients_match_autodiff(k, stride, dilation, size, max_rows, monkeypatch):
   # The hand-written backward against autodiff of XLA's grouped convolution (the same
   # function), for the input and the kernel, under a loss that weights every output.
-  # max_rows 3 splits the kernel gradient's rows into groups, the last one zero-padded.
+  # max_rows 3 splits the kernel gradient's rows into groups, the last ones shorter.
   monkeypatch.setattr(layers, "KERNEL_GRAD_MAX_ROWS", max_rows)
   x = jax.random.normal(jax.random.key(1), (3, *size, 5))
   kernel = jax.random.normal(jax.random.key(2), (k, k, 1, 5))
@@ -269,6 +269,14 @@ def test_depthwise_conv_gradients_match_autodiff(k, stride, dilation, size, max_
   want = jax.grad(loss(_grouped_conv), argnums=(0, 1))(x, kernel)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_relu6_matches_jax_relu6_in_value_and_gradient():
+  # Including the kinks at 0 and 6, where the gradient is 0 for both.
+  x = jnp.array([-3.0, -0.0, 0.0, 1e-30, 2.5, 6.0 - 1e-6, 6.0, 7.0, 1e9])
+  np.testing.assert_array_equal(layers.relu6(x), jax.nn.relu6(x))
+  np.testing.assert_array_equal(jax.jit(jax.vmap(jax.grad(layers.relu6)))(x),
+                                jax.vmap(jax.grad(jax.nn.relu6))(x))
 
 
 def test_pointwise_conv_is_a_1x1_conv():

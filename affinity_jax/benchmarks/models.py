@@ -2,11 +2,11 @@
 
   python -m affinity_jax.benchmarks.models --backbones=tiny,lite0 --size=448 --batch=2
 
-Forward: `CAMNet(x, train=False)` jitted. Train step: multi-label soft-margin
-loss, gradients of every nnx.Param except the backbone's frozen layers (which get
-none in training either), plain SGD update, jitted with the parameters donated;
-dropout keys from `fold_in(key, step)`. Times exclude compilation (reported
-separately). Prints a table and writes JSON.
+Forward: `CAMNet(x, train=False)` jitted. Train step: the training loop's own step
+(`training.loop.make_train_step`) on one device with a multi-label soft-margin loss
+and plain SGD: gradients of every nnx.Param except the backbone's frozen layers,
+the state donated, dropout keys from `fold_in(key, step)`. Times exclude compilation
+(reported separately). Prints a table and writes JSON.
 """
 
 import argparse
@@ -21,7 +21,8 @@ from flax import nnx
 from affinity_jax import io as aio
 from affinity_jax.benchmarks import timing
 from affinity_jax.models import CAMNet
-from affinity_jax.training import optim
+from affinity_jax.training import loop
+from affinity_jax.training import mesh as mesh_lib
 
 DEFAULT_BACKBONES = ("tiny", "lite0", "vgg16", "resnet38")
 
@@ -39,33 +40,35 @@ def bench(name: str, size: int, batch: int, iters: int) -> dict:
     return logits, aux["cams"]
 
   frozen = model.backbone.frozen_prefixes
+  mesh = mesh_lib.make_mesh(jax.devices()[:1])
 
-  @jax.jit
-  def train_step(params, rest, x, y, key):
-    def loss_fn(p):
-      p = optim.stop_frozen_gradients(p, frozen)
-      logits, _ = nnx.merge(graphdef, p, rest)(x, train=True, key=key)
-      return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, y))
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads), loss
+  def loss_fn(model, batch, key, train):
+    logits, _ = model(batch["image"], train=train, key=key)
+    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, batch["labels"])), {}
+
+  train_params, rng_state, train_rest = map(
+      nnx.to_pure_dict, nnx.split(model, nnx.Param, nnx.RngState, ...)[1:])
+  tx = optax.sgd(1e-3)
+  train_step = loop.make_train_step(nnx.graphdef(model), tx, loss_fn,
+                                    optax.constant_schedule(1e-3), rng_state, mesh, frozen)
+  state = {"state": jax.device_put(
+      dict(params=train_params, rest=train_rest, opt_state=tx.init(train_params),
+           step=jnp.zeros((), jnp.int32)), mesh_lib.replicated(mesh))}
+  data = mesh_lib.shard_batch({"image": x, "labels": labels}, mesh)
+  key = jax.device_put(jax.random.key(0), mesh_lib.replicated(mesh))
 
   t0 = time.perf_counter()
   jax.block_until_ready(forward(params, rest, x))
   fwd_compile = time.perf_counter() - t0
   fwd, _ = timing.time_call(lambda: forward(params, rest, x), iters, warmup=False)
 
-  t0 = time.perf_counter()
-  state = {"params": jax.block_until_ready(train_step(params, rest, x, labels, jax.random.key(0))[0])}
-  train_compile = time.perf_counter() - t0
-
-  state["step"] = 0
-
   def one():
-    state["step"] += 1
-    state["params"], loss = train_step(state["params"], rest, x, labels,
-                                       jax.random.fold_in(jax.random.key(0), state["step"]))
-    return loss
+    state["state"], metrics = train_step(state["state"], data, key)
+    return metrics["loss"]
 
+  t0 = time.perf_counter()
+  jax.block_until_ready(one())
+  train_compile = time.perf_counter() - t0
   step, _ = timing.time_call(one, iters, warmup=False)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
   return {"backbone": name, "size": size, "batch": batch, "params_M": round(n_params / 1e6, 2),

@@ -45,8 +45,8 @@ class MBConv(nnx.Module):
   def __call__(self, x, *, train):
     y = x
     if self.expand_conv is not None:
-      y = jax.nn.relu6(self.bn0(self.expand_conv(y), train=train))
-    y = jax.nn.relu6(self.bn1(self.depthwise_conv(y), train=train))
+      y = layers.relu6(self.bn0(self.expand_conv(y), train=train))
+    y = layers.relu6(self.bn1(self.depthwise_conv(y), train=train))
     y = self.bn2(self.project_conv(y), train=train)
     return x + y if self.skip else y
 
@@ -100,7 +100,7 @@ class EfficientNetLite0(nnx.Module):
 
   def __call__(self, x: jax.Array, *, train: bool, key: jax.Array | None = None):
     del key  # No dropout inside the backbone.
-    x = jax.nn.relu6(self.bn0(self.conv_stem(x), train=train))
+    x = layers.relu6(self.bn0(self.conv_stem(x), train=train))
     aux = {}
     for i in range(NUM_BLOCKS):
       x = getattr(self, f"block{i}")(x, train=train)
@@ -108,7 +108,7 @@ class EfficientNetLite0(nnx.Module):
         aux["low"] = x
       elif i == self.level_blocks[1]:
         aux["mid"] = x
-    x = jax.nn.relu6(self.bn1(self.conv_head(x), train=train))
+    x = layers.relu6(self.bn1(self.conv_head(x), train=train))
     aux["high"] = x
     return x, aux
 

@@ -2,11 +2,12 @@
 
 The model is split once into a graph definition and pure dicts of arrays:
 `params` (`nnx.Param`), `rngs` (`nnx.RngState`, passed through, never saved) and
-`rest` (every other variable, e.g. frozen BatchNorm statistics). One jitted pure
-function performs a step: it merges the model from the dicts, calls `loss_fn`, takes
-the gradient with respect to `params` and applies the optimiser. Parameters and
-optimiser state are replicated over the mesh, the batch is split on its `data` axis,
-and the train state is donated so its buffers are reused in place.
+`rest` (every other variable, e.g. frozen BatchNorm statistics). Two jitted pure
+functions perform a step: the forward merges the model from the dicts, calls `loss_fn`
+and keeps what the gradient needs; the backward takes the gradient with respect to
+`params` and applies the optimiser. Parameters and optimiser state are replicated over
+the mesh, the batch is split on its `data` axis, and the train state is donated so its
+buffers are reused in place.
 """
 
 import json
@@ -53,16 +54,22 @@ def _batch_size(batch: Mapping[str, Any]) -> int:
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     loss_fn: LossFn, schedule: optax.Schedule, rng_state: Any,
                     mesh: jax.sharding.Mesh, frozen_prefixes: Sequence[str] = ()) -> Callable:
-  """The jitted pure step `(state, batch, rng) -> (state, metrics)`.
+  """The train step `(state, batch, rng) -> (state, metrics)`: two jitted pure functions.
 
   Parameters under `frozen_prefixes` enter the loss behind `stop_gradient`
-  (`optim.stop_frozen_gradients`). `state` is `{"params", "rest", "opt_state", "step"}` (replicated, donated); `batch`
-  is split on `data`; `rng` is the replicated base key, folded with the step number.
-  `metrics` holds `loss`, `lr` and every entry of the loss function's metrics dict.
+  (`optim.stop_frozen_gradients`). `state` is `{"params", "rest", "opt_state", "step"}`
+  (replicated, donated); `batch` is split on `data`; `rng` is the replicated base key,
+  folded with the step number. `metrics` holds `loss`, `lr` and every entry of the loss
+  function's metrics dict.
+
+  The forward pass (`jax.vjp`) and the backward pass with the update are compiled
+  separately and the forward's residuals are passed between them. In one executable XLA recomputes cheap-looking forward fusions inside the
+  backward fusions that read them, on CPU each depthwise convolution's k*k taps again
+  in two backward fusions: Lite0's step at 192 px took ~20% longer (docs/models.md).
   """
   replicated = mesh_lib.replicated(mesh)
 
-  def step_fn(state, batch, rng):
+  def forward(state, batch, rng):
     key = jax.random.fold_in(rng, state["step"])
 
     def loss_of(params):
@@ -73,18 +80,24 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       _, _, _, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
       return loss, (metrics, _pure(rest))
 
-    (loss, (metrics, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(
-        state["params"])
+    loss, vjp_fn, (metrics, rest) = jax.vjp(loss_of, state["params"], has_aux=True)
+    return loss, metrics, rest, vjp_fn
+
+  def backward(state, loss, metrics, rest, vjp_fn):
+    (grads,) = vjp_fn(jnp.ones_like(loss))
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     out = dict(metrics, loss=loss, lr=schedule(state["step"]))
     new_state = dict(params=params, rest=rest, opt_state=opt_state, step=state["step"] + 1)
     return new_state, out
 
-  return jax.jit(step_fn,
-                 in_shardings=(replicated, mesh_lib.data_sharding(mesh), replicated),
-                 out_shardings=(replicated, replicated),
-                 donate_argnums=(0,))
+  forward = jax.jit(forward, in_shardings=(replicated, mesh_lib.data_sharding(mesh), replicated))
+  backward = jax.jit(backward, out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+  def step(state, batch, rng):
+    return backward(state, *forward(state, batch, rng))
+
+  return step
 
 
 def _state_fns(tx: optax.GradientTransformation, params: dict, rest: dict,
