@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -111,6 +112,42 @@ def test_step_is_the_same_on_8_devices_and_on_1():
   init = params_of(Toy(nnx.Rngs(0)))
   np.testing.assert_array_equal(p8["backbone"]["conv"]["bias"], init["backbone"]["conv"]["bias"])
   assert not np.allclose(p8["head"]["kernel"], init["head"]["kernel"])
+
+
+def test_split_step_equals_value_and_grad_in_one_function():
+  # The step runs its forward (jax.vjp) and backward as two executables; the result is
+  # that of jax.value_and_grad and the optimiser in one, dropout and frozen bias included.
+  mesh = mesh_lib.make_mesh(jax.devices()[:1])
+  model = Toy(nnx.Rngs(0))
+  graphdef, params, rngs, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
+  params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+  config = toy_config()
+  frozen = ("backbone/conv/bias",)
+  tx = optim.make_optimizer(params, config, frozen)
+  step = loop.make_train_step(graphdef, tx, loss_fn, optim.make_schedule(config),
+                              nnx.to_pure_dict(rngs), mesh, frozen)
+  rng = jax.random.key(3)
+  batch = next(ToyBatches(mesh))
+
+  @jax.jit
+  def reference(params, opt_state):
+    def loss_of(p):
+      p = optim.stop_frozen_gradients(p, frozen)
+      m = nnx.merge(graphdef, nnx.State(p), nnx.State(nnx.to_pure_dict(rngs)), nnx.State(rest))
+      return loss_fn(m, batch, jax.random.fold_in(rng, 0), train=True)
+    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return loss, metrics, optax.apply_updates(params, updates)
+
+  want_loss, want_metrics, want_params = reference(params, tx.init(params))
+  state = jax.device_put(dict(params=params, rest=rest, opt_state=tx.init(params),
+                              step=jnp.zeros((), jnp.int32)), mesh_lib.replicated(mesh))
+  state, metrics = step(state, batch, rng)
+  np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-6)
+  np.testing.assert_allclose(metrics["acc"], want_metrics["acc"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               state["params"], want_params)
+  assert int(state["step"]) == 1
 
 
 def test_interrupted_training_resumes_to_the_same_result(tmp_path):

@@ -140,7 +140,7 @@ def _depthwise_geometry(shape, k, stride, dilation):
 def relu6(x: jax.Array) -> jax.Array:
   """`jax.nn.relu6` whose backward keeps its output instead of its input.
 
-  Same values and gradients for every number (a NaN input gives 0 instead of NaN). The
+  Same values and gradients for every input but NaN (which gives 0 instead of NaN). The
   train step (`training.loop`) then passes the output, which the next layer reads
   anyway, to the backward pass instead of the depthwise convolution's output, whose k*k
   taps XLA would otherwise recompute there. Written as a select: as a clamp the Lite0
@@ -184,7 +184,8 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, dilation: int) 
   return out
 
 
-# Rows of the cotangent summed inside one elementwise fusion per kernel tap (see below).
+# Rows of the cotangent summed inside one elementwise fusion per kernel tap, and taps of
+# a kernel row per fusion (see below; both measured in docs/models.md).
 KERNEL_GRAD_MAX_ROWS = 32
 KERNEL_GRAD_TAPS = 3
 
@@ -210,10 +211,11 @@ def _depthwise_kernel_grad(x: jax.Array, g: jax.Array, k: int, stride: int, dila
   zeros are never multiplied (a third of the taps' work for Lite0's dilation-4 layers at
   24x24). Per tap the products of up to `KERNEL_GRAD_MAX_ROWS` rows are added as one
   expression of strided slices, which XLA fuses into one loop that reads x and g where
-  they lie; it writes a [B, Wo, C] partial sum (zero outside the overlap), and one
-  reduction sums all taps' partials. A reduction of each tap's product instead makes XLA
-  copy every tap out first (its YNN reduction does not fuse slices): twice the memory
-  traffic (docs/models.md).
+  they lie, into a [B, groups, Wo, C] partial sum (zero outside the overlap). Up to
+  `KERNEL_GRAD_TAPS` neighbouring taps of a row are stacked into one fusion, which
+  reads their common rows of g once from cache, and reduced together. A reduction of
+  each tap's product instead makes XLA copy every tap out first (its YNN reduction does
+  not fuse slices): twice the memory traffic (docs/models.md).
 
   Args:
     x: [B, H, W, C], the unpadded input.
@@ -247,8 +249,7 @@ def _depthwise_kernel_grad(x: jax.Array, g: jax.Array, k: int, stride: int, dila
           term = jnp.pad(term, ((0, 0), (0, groups - n), (0, 0), (0, 0)))
         partial = term if q == 0 else partial + term
       taps.append(jnp.pad(partial, ((0, 0), (0, 0), (w0, wo - w0 - nw), (0, 0))))
-    # Neighbouring taps of a row side by side ([B, groups, Wo, n, C]) are one fusion:
-    # they read the same rows of g, which then stay in cache.
+    # Up to KERNEL_GRAD_TAPS neighbouring taps side by side ([B, groups, Wo, n, C]).
     for j in range(0, k, KERNEL_GRAD_TAPS):
       rows_out.append(jnp.sum(jnp.stack(taps[j:j + KERNEL_GRAD_TAPS], axis=3), axis=(0, 1, 2)))
   return jnp.concatenate(rows_out)

@@ -63,9 +63,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   function's metrics dict.
 
   The forward pass (`jax.vjp`) and the backward pass with the update are compiled
-  separately and the forward's residuals are passed between them. In one executable XLA recomputes cheap-looking forward fusions inside the
-  backward fusions that read them, on CPU each depthwise convolution's k*k taps again
-  in two backward fusions: Lite0's step at 192 px took ~20% longer (docs/models.md).
+  separately, and the forward's residuals are passed between them. In one executable
+  XLA recomputes cheap-looking forward fusions inside the backward fusions that read
+  them (on the CPU each depthwise convolution's k*k taps, twice per Lite0 block): the
+  Lite0 step at 192 px took ~20% longer (docs/models.md).
   """
   replicated = mesh_lib.replicated(mesh)
 
