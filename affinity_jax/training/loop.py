@@ -62,11 +62,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   folded with the step number. `metrics` holds `loss`, `lr` and every entry of the loss
   function's metrics dict.
 
-  The forward pass (`jax.vjp`) and the backward pass with the update are compiled
-  separately, and the forward's residuals are passed between them. In one executable
-  XLA recomputes cheap-looking forward fusions inside the backward fusions that read
-  them (on the CPU each depthwise convolution's k*k taps, twice per Lite0 block): the
-  Lite0 step at 192 px took ~20% longer (docs/models.md).
+  In a single process the forward pass (`jax.vjp`) and the backward pass with the
+  update are compiled separately, and the forward's residuals are passed between them.
+  In one executable XLA recomputes cheap-looking forward fusions inside the backward
+  fusions that read them (on the CPU each depthwise convolution's k*k taps, twice per
+  Lite0 block): the Lite0 step at 192 px took ~20% longer (docs/models.md). A run over
+  several processes keeps one executable (see below).
   """
   replicated = mesh_lib.replicated(mesh)
 
@@ -92,7 +93,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     new_state = dict(params=params, rest=rest, opt_state=opt_state, step=state["step"] + 1)
     return new_state, out
 
-  forward = jax.jit(forward, in_shardings=(replicated, mesh_lib.data_sharding(mesh), replicated))
+  in_shardings = (replicated, mesh_lib.data_sharding(mesh), replicated)
+  if jax.process_count() > 1:
+    # Across processes: one executable. Split, a process whose peer had died hung in
+    # its next forward call (in runs that went on, some steps' forward took 2 s instead
+    # of 0.03 s, as if compiled again) until the coordination service aborted it,
+    # instead of failing in a collective with a one-line error (tests/test_multihost.py).
+    return jax.jit(lambda state, batch, rng: backward(state, *forward(state, batch, rng)),
+                   in_shardings=in_shardings, out_shardings=(replicated, replicated),
+                   donate_argnums=(0,))
+  forward = jax.jit(forward, in_shardings=in_shardings)
   backward = jax.jit(backward, out_shardings=(replicated, replicated), donate_argnums=(0,))
 
   def step(state, batch, rng):
