@@ -3,11 +3,11 @@
 The model is split once into a graph definition and pure dicts of arrays:
 `params` (`nnx.Param`), `rngs` (`nnx.RngState`, passed through, never saved) and
 `rest` (every other variable, e.g. frozen BatchNorm statistics). Two jitted pure
-functions perform a step: the forward merges the model from the dicts, calls `loss_fn`
-and keeps what the gradient needs; the backward takes the gradient with respect to
-`params` and applies the optimiser. Parameters and optimiser state are replicated over
-the mesh, the batch is split on its `data` axis, and the train state is donated so its
-buffers are reused in place.
+functions perform a step (one, in a run over several processes): the forward merges the
+model from the dicts, calls `loss_fn` and keeps what the gradient needs; the backward
+takes the gradient with respect to `params` and applies the optimiser. Parameters and
+optimiser state are replicated over the mesh, the batch is split on its `data` axis, and
+the train state is donated so its buffers are reused in place.
 """
 
 import json
@@ -54,7 +54,7 @@ def _batch_size(batch: Mapping[str, Any]) -> int:
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     loss_fn: LossFn, schedule: optax.Schedule, rng_state: Any,
                     mesh: jax.sharding.Mesh, frozen_prefixes: Sequence[str] = ()) -> Callable:
-  """The train step `(state, batch, rng) -> (state, metrics)`: two jitted pure functions.
+  """The train step `(state, batch, rng) -> (state, metrics)`, made of jitted pure functions.
 
   Parameters under `frozen_prefixes` enter the loss behind `stop_gradient`
   (`optim.stop_frozen_gradients`). `state` is `{"params", "rest", "opt_state", "step"}`
