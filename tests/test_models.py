@@ -272,9 +272,12 @@ def test_depthwise_conv_gradients_match_autodiff(k, stride, dilation, size, max_
 
 
 def test_relu6_matches_jax_relu6_in_value_and_gradient():
-  # Including the kinks at 0 and 6, where the gradient is 0 for both.
+  # Including the kinks at 0 and 6, where the gradient is 0 for both. Under
+  # differentiation the forward is the custom rule's own formula: its values too.
   x = jnp.array([-3.0, -0.0, 0.0, 1e-30, 2.5, 6.0 - 1e-6, 6.0, 7.0, 1e9])
   np.testing.assert_array_equal(layers.relu6(x), jax.nn.relu6(x))
+  np.testing.assert_array_equal(jax.jit(lambda x: jax.vjp(layers.relu6, x)[0])(x),
+                                jax.nn.relu6(x))
   np.testing.assert_array_equal(jax.jit(jax.vmap(jax.grad(layers.relu6)))(x),
                                 jax.vmap(jax.grad(jax.nn.relu6))(x))
 

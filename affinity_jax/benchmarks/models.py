@@ -49,8 +49,8 @@ def bench(name: str, size: int, batch: int, iters: int) -> dict:
   train_params, rng_state, train_rest = map(
       nnx.to_pure_dict, nnx.split(model, nnx.Param, nnx.RngState, ...)[1:])
   tx = optax.sgd(1e-3)
-  train_step = loop.make_train_step(nnx.graphdef(model), tx, loss_fn,
-                                    optax.constant_schedule(1e-3), rng_state, mesh, frozen)
+  train_step = loop.make_train_step(graphdef, tx, loss_fn, optax.constant_schedule(1e-3),
+                                    rng_state, mesh, frozen)
   state = {"state": jax.device_put(
       dict(params=train_params, rest=train_rest, opt_state=tx.init(train_params),
            step=jnp.zeros((), jnp.int32)), mesh_lib.replicated(mesh))}
