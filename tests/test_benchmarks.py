@@ -5,6 +5,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 
 from affinity_jax import defaults
 from affinity_jax.benchmarks import inputs
@@ -102,6 +103,8 @@ def test_models_benchmark_writes_rows(tmp_path):
   (row,) = result["rows"]
   assert row["backbone"] == "tiny" and row["size"] == 32 and row["params_M"] > 0
   assert row["forward_img_s"] > 0 and row["train_img_s"] > 0
+  assert row["step_in_forwards"] == pytest.approx(row["forward_img_s"] / row["train_img_s"],
+                                                  rel=0.02, abs=0.01)
 
 
 def test_propagation_benchmark_dense_jax_memory_only_above_the_limit(tmp_path):

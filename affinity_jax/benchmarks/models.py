@@ -5,8 +5,9 @@
 Forward: `CAMNet(x, train=False)` jitted. Train step: the training loop's own step
 (`training.loop.make_train_step`) on one device with a multi-label soft-margin loss
 and plain SGD: gradients of every nnx.Param except the backbone's frozen layers,
-the state donated, dropout keys from `fold_in(key, step)`. Times exclude compilation
-(reported separately). Prints a table and writes JSON.
+the state donated, dropout keys from `fold_in(key, step)`. Forward and step calls are
+timed in turn (medians); `step_in_forwards` is a step's time in forwards of the same
+batch. Times exclude compilation (reported separately). Prints a table and writes JSON.
 """
 
 import argparse
@@ -46,8 +47,9 @@ def bench(name: str, size: int, batch: int, iters: int) -> dict:
     logits, _ = model(batch["image"], train=train, key=key)
     return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, batch["labels"])), {}
 
-  train_params, rng_state, train_rest = map(
-      nnx.to_pure_dict, nnx.split(model, nnx.Param, nnx.RngState, ...)[1:])
+  # Copies: the step donates its state, and the forward keeps using `params`.
+  train_params, rng_state, train_rest = jax.tree.map(jnp.copy, tuple(map(
+      nnx.to_pure_dict, nnx.split(model, nnx.Param, nnx.RngState, ...)[1:])))
   tx = optax.sgd(1e-3)
   train_step = loop.make_train_step(graphdef, tx, loss_fn, optax.constant_schedule(1e-3),
                                     rng_state, mesh, frozen)
@@ -60,7 +62,6 @@ def bench(name: str, size: int, batch: int, iters: int) -> dict:
   t0 = time.perf_counter()
   jax.block_until_ready(forward(params, rest, x))
   fwd_compile = time.perf_counter() - t0
-  fwd, _ = timing.time_call(lambda: forward(params, rest, x), iters, warmup=False)
 
   def one():
     state["state"], metrics = train_step(state["state"], data, key)
@@ -69,10 +70,15 @@ def bench(name: str, size: int, batch: int, iters: int) -> dict:
   t0 = time.perf_counter()
   jax.block_until_ready(one())
   train_compile = time.perf_counter() - t0
-  step, _ = timing.time_call(one, iters, warmup=False)
+  # Taken in turn, so that a machine whose speed drifts (a shared VM) slows both alike
+  # and their ratio holds.
+  times = timing.time_calls_alternately({"forward": lambda: forward(params, rest, x),
+                                         "train": one}, iters)
+  fwd, step = times["forward"][0], times["train"][0]
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
   return {"backbone": name, "size": size, "batch": batch, "params_M": round(n_params / 1e6, 2),
           "forward_img_s": round(batch / fwd, 3), "train_img_s": round(batch / step, 3),
+          "step_in_forwards": round(step / fwd, 2),
           "forward_compile_s": round(fwd_compile, 1), "train_compile_s": round(train_compile, 1)}
 
 
@@ -86,7 +92,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   rows = [bench(n, args.size, args.batch, args.iters) for n in args.backbones.split(",")]
   cols = ("backbone", "size", "batch", "params_M", "forward_img_s", "train_img_s",
-          "forward_compile_s", "train_compile_s")
+          "step_in_forwards", "forward_compile_s", "train_compile_s")
   print(" | ".join(cols))
   for r in rows:
     print(" | ".join(str(r[c]) for c in cols))
