@@ -93,22 +93,19 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     new_state = dict(params=params, rest=rest, opt_state=opt_state, step=state["step"] + 1)
     return new_state, out
 
+  def chain(forward, backward):
+    return lambda state, batch, rng: backward(state, *forward(state, batch, rng))
+
   in_shardings = (replicated, mesh_lib.data_sharding(mesh), replicated)
   if jax.process_count() > 1:
     # Across processes: one executable. Split, a process whose peer had died hung in
     # its next forward call (in runs that went on, some steps' forward took 2 s instead
     # of 0.03 s, as if compiled again) until the coordination service aborted it,
     # instead of failing in a collective with a one-line error (tests/test_multihost.py).
-    return jax.jit(lambda state, batch, rng: backward(state, *forward(state, batch, rng)),
-                   in_shardings=in_shardings, out_shardings=(replicated, replicated),
-                   donate_argnums=(0,))
-  forward = jax.jit(forward, in_shardings=in_shardings)
-  backward = jax.jit(backward, out_shardings=(replicated, replicated), donate_argnums=(0,))
-
-  def step(state, batch, rng):
-    return backward(state, *forward(state, batch, rng))
-
-  return step
+    return jax.jit(chain(forward, backward), in_shardings=in_shardings,
+                   out_shardings=(replicated, replicated), donate_argnums=(0,))
+  return chain(jax.jit(forward, in_shardings=in_shardings),
+               jax.jit(backward, out_shardings=(replicated, replicated), donate_argnums=(0,)))
 
 
 def _state_fns(tx: optax.GradientTransformation, params: dict, rest: dict,
