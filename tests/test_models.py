@@ -235,8 +235,11 @@ def test_forward_backward_sharded_over_8_devices(head):
   assert x.sharding.spec == P("data")
 
 
+# Even kernels pad SAME unevenly; (4, 1, 3, (2, 3)) has outputs that no tap reaches.
 @pytest.mark.parametrize("k,stride,dilation,size", [(3, 2, 1, (9, 12)), (5, 1, 2, (7, 8)),
-                                                    (5, 2, 1, (8, 11)), (3, 1, 4, (6, 6))])
+                                                    (5, 2, 1, (8, 11)), (3, 1, 4, (6, 6)),
+                                                    (2, 1, 1, (5, 6)), (4, 1, 3, (2, 3)),
+                                                    (4, 2, 1, (7, 9))])
 def test_depthwise_conv_matches_grouped_conv_with_same_padding(k, stride, dilation, size):
   dw = layers.DepthwiseConv(6, k, rngs=nnx.Rngs(0), stride=stride, dilation=dilation)
   x = jax.random.normal(jax.random.key(1), (2, *size, 6))
@@ -244,6 +247,9 @@ def test_depthwise_conv_matches_grouped_conv_with_same_padding(k, stride, dilati
       x, dw.kernel[...], (stride, stride), "SAME", rhs_dilation=(dilation, dilation),
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6)
   np.testing.assert_allclose(dw(x), want, rtol=1e-5, atol=1e-5)
+  # Under differentiation the custom rule computes the output by regions, unpadded.
+  y, _ = jax.vjp(dw, x)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
 
 
 def _grouped_conv(x, kernel, stride, dilation):
@@ -254,7 +260,9 @@ def _grouped_conv(x, kernel, stride, dilation):
 
 @pytest.mark.parametrize("k,stride,dilation,size", [(3, 2, 1, (9, 12)), (5, 1, 2, (7, 8)),
                                                     (5, 2, 1, (8, 11)), (3, 1, 4, (6, 6)),
-                                                    (5, 1, 4, (10, 9)), (3, 1, 1, (5, 7))])
+                                                    (5, 1, 4, (10, 9)), (3, 1, 1, (5, 7)),
+                                                    (2, 1, 1, (5, 6)), (4, 1, 3, (2, 3)),
+                                                    (4, 2, 1, (7, 9))])
 @pytest.mark.parametrize("max_rows", [32, 3])
 def test_depthwise_conv_gradients_match_autodiff(k, stride, dilation, size, max_rows, monkeypatch):
   # The hand-written backward against autodiff of XLA's grouped convolution (the same

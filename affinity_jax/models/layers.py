@@ -119,17 +119,6 @@ def _same_padding(n: int, k: int, stride: int, dilation: int) -> tuple[int, int,
   return total // 2, total - total // 2, out
 
 
-def _taps(xp: jax.Array, k: int, stride: int, dilation: int, out_hw: tuple[int, int]):
-  """The k*k shifted, strided views of a padded map: yields ((i, j), [B, Ho, Wo, C])."""
-  (ho, wo), s, d = out_hw, stride, dilation
-  for i in range(k):
-    for j in range(k):
-      yield (i, j), jax.lax.slice(
-          xp, (0, i * d, j * d, 0),
-          (xp.shape[0], i * d + (ho - 1) * s + 1, j * d + (wo - 1) * s + 1, xp.shape[3]),
-          (1, s, s, 1))
-
-
 def _depthwise_geometry(shape, k, stride, dilation):
   top, bottom, ho = _same_padding(shape[1], k, stride, dilation)
   left, right, wo = _same_padding(shape[2], k, stride, dilation)
@@ -166,6 +155,13 @@ relu6.defvjp(_relu6_fwd, _relu6_bwd)
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, dilation: int) -> jax.Array:
   """Depthwise convolution with TF "SAME" padding as a sum of shifted slices.
 
+  A plain call (inference) reads the taps from a padded copy of x: one loop per layer,
+  which compiles quickly for every new image size. Under differentiation (training, at
+  one shape) the custom rule cuts the output into regions instead and never pads
+  (`_tap_sum`): for Lite0's layers 2-4x faster per call, but 4-7x the compile time,
+  which made the inference stages slower, as they compile once per image size
+  (docs/models.md). Both give the same values up to float rounding.
+
   Args:
     x: [B, H, W, C].
     kernel: [k, k, 1, C] (`nnx.Conv`'s layout for `feature_group_count=C`).
@@ -175,13 +171,8 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, dilation: int) 
   Returns:
     [B, ceil(H/stride), ceil(W/stride), C].
   """
-  k = kernel.shape[0]
-  pads, out_hw = _depthwise_geometry(x.shape, k, stride, dilation)
-  xp = jnp.pad(x, pads)
-  out = None
-  for (i, j), tap in _taps(xp, k, stride, dilation, out_hw):
-    out = tap * kernel[i, j, 0] if out is None else out + tap * kernel[i, j, 0]
-  return out
+  pads, out_hw = _depthwise_geometry(x.shape, kernel.shape[0], stride, dilation)
+  return _tap_sum(jnp.pad(x, pads), kernel, stride, dilation, (0, 0), out_hw)
 
 
 # Rows of the cotangent summed inside one elementwise fusion per kernel tap, and taps of
@@ -200,6 +191,65 @@ def _valid_outputs(n: int, k: int, stride: int, dilation: int, before: int, out:
     last = min(out - 1, (n - 1 - offset) // stride)
     spans.append((first, last - first + 1, first * stride + offset) if last >= first else (0, 0, 0))
   return spans
+
+
+def _cuts(spans, out: int) -> list[int]:
+  """The output indices where the set of taps that read inside the input changes."""
+  cuts = {0, out}
+  for first, n, _ in spans:
+    if n:
+      cuts |= {first, first + n}
+  return sorted(cuts)
+
+
+def _tap_sum(x: jax.Array, kernel: jax.Array, stride: int, dilation: int,
+             before: tuple[int, int], out_hw: tuple[int, int]) -> jax.Array:
+  """sum_{i,j} kernel[i, j, 0] * x[b, h*s + i*d - top, w*s + j*d - left, c], reading
+  zero outside x: a depthwise correlation, with `before` = (top, left) padding.
+
+  Where taps read outside x, the output is cut into regions in which the same taps
+  read inside it (up to 5 x 5 regions for a 5x5 kernel). Each region is a sum of plain
+  strided slices of x and the regions are concatenated, so XLA writes the output once,
+  one loop per region, and no padded copy of x is made. A caller that pads x itself
+  (`before` = (0, 0)) gets one region: less code to compile, but the padded copy is
+  written out before the taps read it, 2-4x the run time for Lite0's layers
+  (docs/models.md).
+
+  Args:
+    x: [B, H, W, C].
+    kernel: [k, k, 1, C].
+    stride, dilation: the correlation's stride and kernel dilation.
+    before: padding before the first row and column.
+    out_hw: the output's (height, width).
+
+  Returns:
+    [B, *out_hw, C].
+  """
+  k, s = kernel.shape[0], stride
+  rows = _valid_outputs(x.shape[1], k, s, dilation, before[0], out_hw[0])
+  cols = _valid_outputs(x.shape[2], k, s, dilation, before[1], out_hw[1])
+  row_cuts, col_cuts = _cuts(rows, out_hw[0]), _cuts(cols, out_hw[1])
+  bands = []
+  for r0, r1 in zip(row_cuts, row_cuts[1:]):
+    band = []
+    for c0, c1 in zip(col_cuts, col_cuts[1:]):
+      out = None
+      for i, (first_i, n_i, x_i) in enumerate(rows):
+        if not first_i <= r0 < r1 <= first_i + n_i:
+          continue
+        for j, (first_j, n_j, x_j) in enumerate(cols):
+          if not first_j <= c0 < c1 <= first_j + n_j:
+            continue
+          h0, w0 = x_i + (r0 - first_i) * s, x_j + (c0 - first_j) * s
+          tap = jax.lax.slice(x, (0, h0, w0, 0),
+                              (x.shape[0], h0 + (r1 - r0 - 1) * s + 1,
+                               w0 + (c1 - c0 - 1) * s + 1, x.shape[3]), (1, s, s, 1))
+          out = tap * kernel[i, j, 0] if out is None else out + tap * kernel[i, j, 0]
+      if out is None:   # No tap reads inside x (an input smaller than the dilation).
+        out = jnp.zeros((x.shape[0], r1 - r0, c1 - c0, x.shape[3]), x.dtype)
+      band.append(out)
+    bands.append(jnp.concatenate(band, axis=2))
+  return jnp.concatenate(bands, axis=1)
 
 
 def _depthwise_kernel_grad(x: jax.Array, g: jax.Array, k: int, stride: int, dilation: int,
@@ -256,7 +306,9 @@ def _depthwise_kernel_grad(x: jax.Array, g: jax.Array, k: int, stride: int, dila
 
 
 def _depthwise_fwd(x, kernel, stride, dilation):
-  return depthwise_conv(x, kernel, stride, dilation), (x, kernel)
+  pads, out_hw = _depthwise_geometry(x.shape, kernel.shape[0], stride, dilation)
+  y = _tap_sum(x, kernel, stride, dilation, (pads[1][0], pads[2][0]), out_hw)
+  return y, (x, kernel)
 
 
 def _depthwise_bwd(stride, dilation, residuals, g):
@@ -271,24 +323,21 @@ def _depthwise_bwd(stride, dilation, residuals, g):
   dkernel = dkernel.astype(kernel.dtype)
 
   # Input gradient: the transposed convolution, i.e. g dilated by the stride and
-  # correlated with the flipped kernel, read where x was. g is padded only as far as
-  # those reads reach: padding it by the whole span on both sides made XLA write out a
-  # map 5x the size of g for Lite0's dilation-4 layers (docs/models.md).
+  # correlated with the flipped kernel, read where x was.
   span = (k - 1) * dilation
   (top, _), (left, _) = pads[1], pads[2]
   (ho, wo), s = out_hw, stride
+  if s == 1:
+    return _tap_sum(g, kernel[::-1, ::-1], 1, dilation, (span - top, span - left),
+                    x.shape[1:3]), dkernel
+  # Strided: g is padded only as far as the reads reach (padding it by the whole span on
+  # both sides made XLA write out a map 5x the size of g; docs/models.md).
   # The reads start span - top rows (columns) before the dilated g and end at row
   # H - 1 + top (column W - 1 + left) of it.
   gp = jax.lax.pad(g, jnp.zeros((), g.dtype),
                    ((0, 0, 0), (span - top, x.shape[1] - 1 + top - (ho - 1) * s, s - 1),
                     (span - left, x.shape[2] - 1 + left - (wo - 1) * s, s - 1), (0, 0, 0)))
-  dx = None
-  for i in range(k):
-    for j in range(k):
-      r, c = span - i * dilation, span - j * dilation
-      tap = jax.lax.slice(gp, (0, r, c, 0), (x.shape[0], r + x.shape[1], c + x.shape[2], x.shape[3]))
-      dx = tap * kernel[i, j, 0] if dx is None else dx + tap * kernel[i, j, 0]
-  return dx, dkernel
+  return _tap_sum(gp, kernel[::-1, ::-1], 1, dilation, (0, 0), x.shape[1:3]), dkernel
 
 
 depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
