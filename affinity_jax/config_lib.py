@@ -47,10 +47,11 @@ FREE_KEYS = frozenset({"crf.num_workers", "data.num_workers"})
 FREE_GROUPS = ("distributed",)
 # Keys added to `defaults` after workdirs were written without them, each with the value
 # that does what ran before it existed: a workdir that lacks one reads as that value.
-# Add a key here when you add it to `defaults`.
+# Add a key here when you add it to `defaults`. (`data.infer_canvases` is the one whose
+# default differs: a VOC workdir written with tight padding refuses it.)
 ADDED_KEYS = {"cam.imagenet_prior": False, "aff.level_stages": (),
               "rw.dcrf_unary_weight": 1.0, "rw.flip": False, "rw.normalize": "none",
-              "rw.scales": (1.0,)}
+              "rw.scales": (1.0,), "data.infer_canvases": ()}
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -46,8 +46,14 @@ def base_config() -> ml_collections.ConfigDict:
       # host that runs the stage, less one for the main process, at most 16
       # (data.pipeline.default_worker_count; resolved at run time, never stored).
       num_workers=-1,
-      # Inference inputs are zero-padded (bottom/right) to a multiple of this, so that
-      # VOC's many image sizes share a few compiled shapes; 8 is the reference's minimum.
+      # Inference pads every image (bottom/right, zeros) onto the smallest of these
+      # (height, width) canvases that holds it, resized with each inference scale: one
+      # compiled program per canvas and scale, whatever the image sizes
+      # (inference/canvas.py, docs/inference.md). VOC's images (long side 500) fit the
+      # two; () pads each image to a multiple of `infer_pad` instead ("tight": one
+      # program per padded size).
+      infer_canvases=((384, 512), (512, 512)),
+      # Images beyond every canvas are zero-padded to a multiple of this (of 8).
       infer_pad=64,
       color_jitter=True,         # brightness/contrast/saturation 0.3, hue 0.1 in training
       scenes=ml_collections.ConfigDict(dict(  # the generated dataset (name="scenes")

@@ -111,7 +111,7 @@ def _walk(ctx: common.Context, image: np.ndarray, cams: np.ndarray, keys: np.nda
   aff[0, :, -1] = aff[1, -1, :] = 1.0            # No neighbour beyond the map: no edge.
   edges = 1.0 - aff.min(axis=0)                  # [h, w]
   padded = (embedding.shape[0] * STRIDE, embedding.shape[1] * STRIDE)
-  edges = walk.scores_to_image(edges[..., None], padded, image.shape[:2])[..., 0]
+  edges = walk.scores_to_image(edges[..., None], image.shape[:2])[..., 0]
   return np.clip(edges, 0, 1), scores
 
 

@@ -27,6 +27,7 @@ def get_config(arg=None):
   c.data.num_workers = 0
   c.data.color_jitter = False  # Classes differ by hue: hue jitter would blur them.
   c.data.scenes.update(num_train=400, num_val=100, image_size=128, num_classes=5)
+  c.data.infer_canvases = ()  # Every image has one size: one program per scale anyway.
 
   c.model.backbone = "tiny"
   c.model.norm = "batch"  # Trainable BatchNorm: GroupNorm learns the small parts far slower.

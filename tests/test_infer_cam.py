@@ -4,7 +4,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from affinity_jax.data import transforms
 from affinity_jax.models import heads
+from affinity_jax.ops import cam as cam_ops
 from affinity_jax.inference import cam as cam_inference
 from affinity_jax.training import mesh as mesh_lib
 
@@ -28,3 +30,18 @@ def test_batched_cams_over_8_devices_equal_one_image_at_a_time():
     np.testing.assert_allclose(cams, want, atol=1e-5)
     absent = example["labels"] == 0
     assert not cams[..., absent].any() and cams[..., ~absent].max() > 0.9
+
+
+def test_multiscale_inputs_follow_the_pass_plan():
+  img = np.random.default_rng(0).integers(0, 256, (37, 50, 3), dtype=np.uint8)
+  passes = cam_inference.multiscale_inputs(img, "imagenet_rgb")
+  assert [r for _, r in passes] == cam_ops.pass_plan(37, 50)
+  for x, r in passes:
+    assert x.shape[1:3] == r.padded
+    assert r.size == (round(37 * r.scale), round(50 * r.scale))
+    want = transforms.normalize(transforms.resize(img, r.size, "bicubic"), "imagenet_rgb")
+    if r.flip:
+      want = want[:, ::-1]
+    np.testing.assert_array_equal(x[0, :r.size[0], :r.size[1]], want)
+    assert not x[0, r.size[0]:].any() and not x[0, :, r.size[1]:].any()
+  assert len(cam_inference.multiscale_inputs(img, "imagenet_rgb", flip=False)) == 4

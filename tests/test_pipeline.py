@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from affinity_jax.data import pipeline, transforms
-from affinity_jax.ops import cam as cam_ops
 from affinity_jax.errors import UserError
 
 BG = np.array([20, 40, 200], np.uint8)
@@ -115,21 +114,6 @@ def test_affinity_augment_label_map_matches_direct_computation():
     for i, j in cells:
       centre = img[8 * i + 4, 8 * j + 4]
       assert np.abs(centre - FG).max() < 12
-
-
-def test_multiscale_inputs_follow_the_pass_plan():
-  img = np.random.default_rng(0).integers(0, 256, (37, 50, 3), dtype=np.uint8)
-  passes = pipeline.multiscale_inputs(img, "imagenet_rgb")
-  assert [r for _, r in passes] == cam_ops.pass_plan(37, 50)
-  for x, r in passes:
-    assert x.shape[1:3] == r.padded
-    assert r.size == (round(37 * r.scale), round(50 * r.scale))
-    want = transforms.normalize(transforms.resize(img, r.size, "bicubic"), "imagenet_rgb")
-    if r.flip:
-      want = want[:, ::-1]
-    np.testing.assert_array_equal(x[0, :r.size[0], :r.size[1]], want)
-    assert not x[0, r.size[0]:].any() and not x[0, :, r.size[1]:].any()
-  assert len(pipeline.multiscale_inputs(img, "imagenet_rgb", flip=False)) == 4
 
 
 # ----------------------------------------------------------------------------- batches

@@ -249,7 +249,7 @@ def test_voc_cpu_affinitynet_trains_lite0s_last_block_and_head_conv_only(tmp_pat
 def test_walk_batches_pad_each_image_and_mask_the_rest():
   images = [np.ones((16, 24, 3), np.float32), 2 * np.ones((8, 8, 3), np.float32)]
   grids = [np.ones((2, 3, 2), np.float32), np.ones((1, 1, 3), np.float32)]
-  x, grid, valid = walk.batch_inputs(images, grids, bucket=64)
+  x, grid, valid = walk.batch_inputs(images, grids, (64, 64))
   # Channels rounded up to the walk's 8 lanes (zeros), so class counts share a shape.
   assert x.shape == (2, 64, 64, 3) and grid.shape == (2, 8, 8, 8)
   assert not grid[..., 3:].any()
@@ -267,7 +267,7 @@ def test_walk_split_over_8_devices_equals_one_device():
   images = [rng.normal(size=s + (3,)).astype(np.float32) for s in ((32, 48), (24, 24))]
   grids = [rng.uniform(size=(s[0] // 8, s[1] // 8, 3)).astype(np.float32)
            for s in ((32, 48), (24, 24))]
-  x, grid, valid = walk.batch_inputs(images, grids, bucket=16)
+  x, grid, valid = walk.batch_inputs(images, grids, (32, 48))
   walk1, state1 = walk.walker(model, rw)
   want, _ = walk1(state1, x, grid, valid)
   mesh = mesh_lib.make_mesh()

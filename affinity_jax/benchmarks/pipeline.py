@@ -11,13 +11,13 @@ Each stage runs the code the pipeline runs, on random inputs of the spec's sizes
     on `--crop`^2 crops (448). Random initial weights (speed does not depend on them).
   - infer_cam: what the stage does with one `--image` (375x500) image:
     `inference.cam.multiscale_cams` (host resizing, the 8 passes as 4 forward calls of
-    2 at the stage's padding `data.infer_pad`, the host merge) and the npz stored; and,
+    2 on the image's canvas `data.infer_canvases`, the host merge) and the npz stored; and,
     timed alternately with it, the same 4 forward calls alone (the ratio is printed).
   - crf: `labels.crf.crf_low_high` (two CRFs, 2 classes + background) on one image in
     this process; then `crf.run_pool` with `--crf-workers` processes over
     `--crf-images` images (process start-up included, store files written to a temp dir).
   - infer_rw: the stage's jitted AffinityNet forward + `random_walk.propagate` (radius,
-    beta, t, border of the config), inputs padded to the stage's 64-pixel bucket with a
+    beta, t, border of the config), inputs padded onto the image's canvas with a
     `valid` mask, batch 1 and `--rw-batch`; and the dense CRF that the stage runs on
     the walk's scores (`rw.dcrf`), one image in this process (the stage runs them in
     `crf.num_workers` processes while the next batches walk).
@@ -46,6 +46,7 @@ from affinity_jax.data import transforms
 from affinity_jax.errors import UserError
 from affinity_jax.inference import STRIDE
 from affinity_jax.inference import cam as cam_inference
+from affinity_jax.inference import canvas as canvas_lib
 from affinity_jax.inference import walk as walk_inference
 from affinity_jax.labels import crf
 from affinity_jax.models import heads
@@ -166,8 +167,8 @@ def bench_train(kind: str, loss_fn, backbone: str, batch: int, crop: int, repeat
 # Inference ---------------------------------------------------------------------------
 
 
-def bench_infer_cam(backbone: str, image: np.ndarray, scales, pad_multiple: int,
-                    repeats: int) -> dict:
+def bench_infer_cam(backbone: str, image: np.ndarray, scales,
+                    canvases: canvas_lib.Canvases, repeats: int) -> dict:
   """One row: the infer_cam stage's work on one image (8-pass CAMs, the npz stored) and
   its forward calls alone on the same inputs, timed alternately; the ratio of the two is
   what the stage spends beyond the network."""
@@ -176,14 +177,13 @@ def bench_infer_cam(backbone: str, image: np.ndarray, scales, pad_multiple: int,
   example = dict(image=image, labels=_labels20())
   keys = np.flatnonzero(example["labels"]) + 1
   norm = model.backbone.normalization
-  passes = pipeline.multiscale_inputs(image, norm, scales, flip=True, multiple=pad_multiple)
+  passes = cam_inference.multiscale_inputs(image, norm, scales, True, canvases)
   inputs = [jnp.asarray(np.concatenate([passes[i][0], passes[i + 1][0]]))
             for i in range(0, len(passes), 2)]
   store = workdir.CamStore(tempfile.mkdtemp())
 
   def stage():
-    cams = cam_inference.multiscale_cams(forward, state, example, norm, scales,
-                                         pad_multiple)
+    cams = cam_inference.multiscale_cams(forward, state, example, norm, scales, canvases)
     store.save("x", cams[..., keys - 1], keys)
 
   t0 = time.perf_counter()
@@ -194,7 +194,8 @@ def bench_infer_cam(backbone: str, image: np.ndarray, scales, pad_multiple: int,
       dict(stage=stage, forwards=lambda: [forward(state, x) for x in inputs]), repeats)
   (sec, cpu), (fwd_sec, fwd_cpu) = t["stage"], t["forwards"]
   h, w = image.shape[:2]
-  row = _row("infer_cam", f"{h}x{w}, {2 * len(scales)} passes, pad {pad_multiple}", 1, sec,
+  ch, cw = canvases.canvas(h, w)
+  row = _row("infer_cam", f"{h}x{w}, {2 * len(scales)} passes, canvas {ch}x{cw}", 1, sec,
              compile_s, f"forwards alone {fwd_sec * 1e3:,.0f} ms; stage / forwards "
              f"{sec / fwd_sec:.2f} wall, {cpu / fwd_cpu:.2f} CPU")
   return dict(row, forwards_ms_per_image=fwd_sec * 1e3, cpu_ms_per_image=cpu * 1e3,
@@ -246,7 +247,8 @@ def bench_infer_rw(backbone: str, image: np.ndarray, cams: np.ndarray, batches,
   grid = walk_inference.walk_input(cams, np.asarray(PRESENT), rw.alpha, x.shape[:2])
   rows = []
   for b in batches:
-    xs, gs, valid = walk_inference.batch_inputs([x] * b, [grid] * b, config.data.infer_pad)
+    canvas = canvas_lib.Canvases.from_config(config.data).at_scale(*image.shape[:2])
+    xs, gs, valid = walk_inference.batch_inputs([x] * b, [grid] * b, canvas)
     gh, gw = valid.shape[1:]
     args = (state, *map(jnp.asarray, (xs, gs, valid)))
     t0 = time.perf_counter()
@@ -396,7 +398,7 @@ def main(argv=None):
                          a.crop, a.repeats, mesh)]
     elif stage == "infer_cam":
       new = [bench_infer_cam(a.backbone, image, tuple(base.cam.scales),
-                             base.data.infer_pad, a.repeats)]
+                             canvas_lib.Canvases.from_config(base.data), a.repeats)]
     elif stage == "crf":
       new = bench_crf(image, cams, a.crf_workers, a.crf_images or 4 * a.crf_workers,
                       a.repeats)

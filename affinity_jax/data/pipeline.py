@@ -24,17 +24,13 @@ processes with `spawn`, so the main script needs the usual
 `default_worker_count()`: one worker per core this process may run on, less one for
 the main process, at most `MAX_AUTO_WORKERS`. It is resolved when the iterator is
 built, on the host that runs it, never stored.
-
-Inference inputs (`multiscale_inputs`) are the spec's 8 passes (4 scales x
-flip), each padded to a multiple of 8, with the `ops.cam.Pass` that records it
-(`ops.cam.merge_cams` crops, un-flips and merges the outputs).
 """
 
 import dataclasses
 import json
 import os
 import sys
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import grain.python as grain
 import jax
@@ -43,7 +39,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from affinity_jax import constants
 from affinity_jax.data import transforms
-from affinity_jax.ops import cam as cam_ops
 from affinity_jax.errors import UserError
 
 CrfLoader = Callable[[str], tuple[np.ndarray, np.ndarray, np.ndarray]]
@@ -372,36 +367,3 @@ def segmentation_batches(source, mask_loader: MaskLoader | None, *, mesh: Mesh,
   """Batches {image f32 [B,S,S,3], mask uint8 [B,S,S]} (mask padded with 255)."""
   t = SegmentationAugment(mask_loader, crop_size, long_side, normalization, jitter)
   return GlobalBatches(source, t, mesh=mesh, batch_size=batch_size, seed=seed, **kw)
-
-
-# ----------------------------------------------------------------------------- inference
-
-
-def multiscale_inputs(image: np.ndarray, normalization: str,
-                      scales: Sequence[float] = cam_ops.SCALES, flip: bool = True,
-                      multiple: int = 8) -> list[tuple[np.ndarray, cam_ops.Pass]]:
-  """The inference passes of one image, as `ops.cam.pass_plan` lays them out.
-
-  Args:
-    image: uint8 [H,W,3].
-    normalization: 'imagenet_rgb' or 'caffe_bgr'.
-    scales: resize factors (bicubic); (1.0, 0.5, 1.5, 2.0) by default.
-    flip: also emit the flipped version of every scale.
-    multiple: pad height and width (bottom/right, zeros after normalisation) to this.
-
-  Returns:
-    [(input f32 [1,Hp,Wp,3], Pass)], each scale unflipped then (when `flip`) flipped;
-    `ops.cam.merge_cams` takes the passes as its plan.
-  """
-  plan = cam_ops.pass_plan(*image.shape[:2], scales, multiple)
-  passes, scaled = [], {}
-  for p in plan:
-    if p.flip and not flip:
-      continue
-    if p.size not in scaled:
-      scaled[p.size] = transforms.normalize(transforms.resize(image, p.size, "bicubic"),
-                                            normalization)
-    x = scaled[p.size][:, ::-1] if p.flip else scaled[p.size]
-    padded, _ = transforms.pad_to_multiple(x, multiple, 0.0)
-    passes.append((padded[None], p))
-  return passes

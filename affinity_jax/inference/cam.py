@@ -1,7 +1,7 @@
 """The classifier in inference mode: the spec's 8-pass multi-scale CAMs, image labels."""
 
 import collections
-import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +9,11 @@ import numpy as np
 from flax import nnx
 
 from affinity_jax import constants
-from affinity_jax.data import pipeline
 from affinity_jax.data import transforms
 from affinity_jax.inference import STRIDE
+from affinity_jax.inference import canvas as canvas_lib
+from affinity_jax.inference import resize
+from affinity_jax.ops import cam as cam_ops
 from affinity_jax.training import mesh as mesh_lib
 
 
@@ -21,38 +23,47 @@ class Classifier:
   Args:
     model: a CAM network.
     scales: inference scales; every scale runs unflipped and flipped.
-    pad_multiple: inputs are zero-padded to a multiple of this (of 8).
+    canvases: the input shapes images are padded onto (`inference.canvas`).
+    batch_size: images per forward call (x2 flips); every call of a canvas holds this
+      many images (zero images fill the rest), so it compiles once per canvas and scale.
     mesh: optional device mesh the forward splits each batch over (see
       `classifier_forward`).
   """
 
-  def __init__(self, model: nnx.Module, scales: tuple[float, ...], pad_multiple: int = 8,
+  def __init__(self, model: nnx.Module, scales: tuple[float, ...],
+               canvases: canvas_lib.Canvases = canvas_lib.Canvases(), batch_size: int = 1,
                mesh: jax.sharding.Mesh | None = None):
     self.forward, self.state = classifier_forward(model, mesh)
     self.normalization = model.backbone.normalization
     self.scales = tuple(scales)
-    self.pad_multiple = pad_multiple
+    self.canvases = canvases
+    self.batch_size = batch_size
 
   def cams(self, examples: list[dict]) -> list[np.ndarray]:
     """Merged CAMs, float32 [H, W, 20] per example (image, labels), in order.
 
-    Images of the same size go through the passes together (`batched_cams`).
+    Images of the same canvas go through the passes together (`batched_cams`), up to
+    `batch_size` at a time.
     """
-    by_size = collections.defaultdict(list)
+    by_canvas = collections.defaultdict(list)
     for i, example in enumerate(examples):
-      by_size[example["image"].shape].append(i)
+      by_canvas[self.canvases.canvas(*example["image"].shape[:2])].append(i)
     out = [None] * len(examples)
-    for group in by_size.values():
-      cams = batched_cams(self.forward, self.state, [examples[i] for i in group],
-                          self.normalization, self.scales, self.pad_multiple)
-      for i, cam in zip(group, cams):
-        out[i] = cam
+    for group in by_canvas.values():
+      for start in range(0, len(group), self.batch_size):
+        chunk = group[start:start + self.batch_size]
+        cams = batched_cams(self.forward, self.state, [examples[i] for i in chunk],
+                            self.normalization, self.scales, self.canvases,
+                            self.batch_size)
+        for i, cam in zip(chunk, cams):
+          out[i] = cam
     return out
 
   def labels(self, image: np.ndarray, threshold: float) -> np.ndarray:
     """Image labels at scale 1: uint8 [20] multi-hot, sigmoid > threshold, else top-1.
 
-    The image is padded to a multiple of the stride only: the logits pool over padding.
+    The image is padded to a multiple of the stride only, not onto a canvas: the logits
+    pool over the padding. One program per image size (the demo's one image).
     """
     x, _ = transforms.pad_to_multiple(transforms.normalize(image, self.normalization),
                                       STRIDE, 0.0)
@@ -90,8 +101,44 @@ def classifier_forward(model, mesh=None):
   return mesh_lib.jit_over_batch(forward, state, mesh)
 
 
+def multiscale_inputs(image: np.ndarray, normalization: str,
+                      scales: Sequence[float] = cam_ops.SCALES, flip: bool = True,
+                      canvases: canvas_lib.Canvases = canvas_lib.Canvases()
+                      ) -> list[tuple[np.ndarray, cam_ops.Pass]]:
+  """The inference passes of one image, as `ops.cam.pass_plan` lays them out.
+
+  Args:
+    image: uint8 [H,W,3].
+    normalization: 'imagenet_rgb' or 'caffe_bgr'.
+    scales: resize factors (bicubic); (1.0, 0.5, 1.5, 2.0) by default.
+    flip: also emit the flipped version of every scale.
+    canvases: each pass is zero-padded (bottom/right, after normalisation) to
+      `canvases.at_scale` of the image and its scale; by default to a multiple of 8.
+
+  Returns:
+    [(input f32 [1,Hp,Wp,3], Pass)], each scale unflipped then (when `flip`) flipped;
+    `ops.cam.merge_cams` and `merge_present` take the passes as their plan.
+  """
+  h, w = image.shape[:2]
+  plan = cam_ops.pass_plan(h, w, scales)
+  passes, scaled = [], {}
+  for p in plan:
+    if p.flip and not flip:
+      continue
+    if p.size not in scaled:
+      scaled[p.size] = transforms.normalize(transforms.resize(image, p.size, "bicubic"),
+                                            normalization)
+    x = scaled[p.size][:, ::-1] if p.flip else scaled[p.size]
+    ph, pw = canvases.at_scale(h, w, p.scale)
+    padded = np.zeros((1, ph, pw, x.shape[2]), np.float32)
+    padded[0, :x.shape[0], :x.shape[1]] = x
+    passes.append((padded, p))
+  return passes
+
+
 def multiscale_cams(forward, state, example: dict, normalization: str,
-                    scales: tuple[float, ...], pad_multiple: int = 8) -> np.ndarray:
+                    scales: tuple[float, ...],
+                    canvases: canvas_lib.Canvases = canvas_lib.Canvases()) -> np.ndarray:
   """The spec's 8-pass CAM of one image: float32 [H, W, 20], each class max-normalised.
 
   Args:
@@ -100,40 +147,43 @@ def multiscale_cams(forward, state, example: dict, normalization: str,
     example: a dataset example (image, labels).
     normalization: the backbone's input normalisation.
     scales: inference scales; every scale runs unflipped and flipped in one call.
-    pad_multiple: inputs are padded to a multiple of this (of 8).
+    canvases: the input shapes (`inference.canvas`); by default padded to 8.
   """
-  return batched_cams(forward, state, [example], normalization, scales, pad_multiple)[0]
+  return batched_cams(forward, state, [example], normalization, scales, canvases)[0]
 
 
 def batched_cams(forward, state, examples: list[dict], normalization: str,
-                 scales: tuple[float, ...], pad_multiple: int = 8) -> list[np.ndarray]:
-  """`multiscale_cams` of several images of one size, one forward call per scale.
+                 scales: tuple[float, ...],
+                 canvases: canvas_lib.Canvases = canvas_lib.Canvases(),
+                 slots: int = 0) -> list[np.ndarray]:
+  """`multiscale_cams` of several images of one canvas, one forward call per scale.
 
-  Each call holds every image unflipped and flipped, [2n, Hp, Wp, 3], padded with zero
-  images to a multiple of the devices that `state` is replicated on (`forward` splits
-  its batch over them). The merge runs on the host (`merge_present`), over each image's
-  present classes only.
+  Each call holds every image unflipped and flipped, [2 * max(n, slots), Hc, Wc, 3]
+  with zero images after the n given, padded further to a multiple of the devices that
+  `state` is replicated on (`forward` splits its batch over them). The merge runs on
+  the host (`merge_present`), over each image's present classes only.
 
   Returns:
     One float32 [H, W, 20] per example, as `multiscale_cams` gives it.
   """
-  size = examples[0]["image"].shape[:2]
-  if any(e["image"].shape[:2] != size for e in examples):
-    raise ValueError("batched_cams takes images of one size")
-  passes = [pipeline.multiscale_inputs(e["image"], normalization, scales, flip=True,
-                                       multiple=pad_multiple) for e in examples]
-  plan = tuple(p for _, p in passes[0])
+  sizes = [e["image"].shape[:2] for e in examples]
+  if len({canvases.canvas(*size) for size in sizes}) != 1:
+    raise ValueError("batched_cams takes images of one canvas")
+  passes = [multiscale_inputs(e["image"], normalization, scales, True, canvases)
+            for e in examples]
   multiple = _device_count(state)
   outs = []
-  for i in range(0, len(plan), 2):   # Each scale unflipped, then flipped.
+  for i in range(0, len(passes[0]), 2):   # Each scale unflipped, then flipped.
     x = np.concatenate([np.concatenate([inputs[i][0], inputs[i + 1][0]])
                         for inputs in passes])
+    x = np.pad(x, [(0, 2 * max(0, slots - len(examples)))] + [(0, 0)] * 3)
     outs.append(forward(state, jnp.asarray(mesh_lib.pad_batch(x, multiple)))[1])
   outs = [np.asarray(out) for out in outs]   # After all calls are dispatched.
   merged = []
-  for b, example in enumerate(examples):
+  for b, (example, inputs, size) in enumerate(zip(examples, passes, sizes)):
     present = np.flatnonzero(example["labels"])
     cams = [out[2 * b + f][..., present] for out in outs for f in (0, 1)]
+    plan = [p for _, p in inputs]
     merged.append(full_cams(merge_present(cams, plan, size), present + 1))
   return merged
 
@@ -161,28 +211,13 @@ def merge_present(cams: list[np.ndarray], plan, size: tuple[int, int],
   h, w = size
   total = np.zeros((cams[0].shape[-1], h, w), np.float32)
   for cam, p in zip(cams, plan):
-    rows = _stretch(h, p.size[0] / stride, cam.shape[0])
-    cols = _stretch(w, p.size[1] / stride, cam.shape[1])
+    rows = resize.stretch(h, p.size[0] / stride, cam.shape[0])
+    cols = resize.stretch(w, p.size[1] / stride, cam.shape[1])
     if p.flip:
       cols = cols[::-1]
     total += rows @ np.moveaxis(cam.astype(np.float32), -1, 0) @ cols.T
   total /= total.max(axis=(1, 2), keepdims=True) + 1e-5
   return np.ascontiguousarray(np.moveaxis(total, 0, -1))
-
-
-@functools.lru_cache(maxsize=256)
-def _stretch(n_out: int, n_valid: float, n_in: int) -> np.ndarray:
-  """float32 [n_out, n_in]: bilinear weights (half-pixel centres, edges clamped, no
-  antialiasing, as `ops.cam.upsample_cam`) that stretch the first n_valid of n_in cells
-  (fractional n_valid allowed) onto n_out samples."""
-  src = np.maximum((np.arange(n_out) + 0.5) * n_valid / n_out - 0.5, 0.0)
-  lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-  hi = np.minimum(lo + 1, n_in - 1)
-  frac = src - lo
-  weights = np.zeros((n_out, n_in))
-  np.add.at(weights, (np.arange(n_out), lo), 1.0 - frac)
-  np.add.at(weights, (np.arange(n_out), hi), frac)
-  return weights.astype(np.float32)
 
 
 def full_cams(cams: np.ndarray, keys: np.ndarray) -> np.ndarray:

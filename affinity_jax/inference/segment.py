@@ -6,12 +6,14 @@ import numpy as np
 from flax import nnx
 
 from affinity_jax.data import transforms
+from affinity_jax.inference import canvas as canvas_lib
 
 
-def predictor(model: nnx.Module, pad_multiple: int = 8):
+def predictor(model: nnx.Module, canvases: canvas_lib.Canvases = canvas_lib.Canvases()):
   """`predict(image uint8 [H, W, 3]) -> label ids uint8 [H, W]` (single scale).
 
-  The input is zero-padded (bottom/right) to a multiple of `pad_multiple` (of 8).
+  The input is zero-padded (bottom/right) onto its canvas (`inference.canvas`): one
+  program per canvas.
   """
   graphdef, state = nnx.split(model)
   norm = model.backbone.normalization
@@ -22,7 +24,8 @@ def predictor(model: nnx.Module, pad_multiple: int = 8):
     return jnp.argmax(logits, -1).astype(jnp.uint8)
 
   def predict(image: np.ndarray) -> np.ndarray:
-    x, _ = transforms.pad_to_multiple(transforms.normalize(image, norm), pad_multiple, 0.0)
-    return np.asarray(forward(state, jnp.asarray(x[None])))[0, :image.shape[0],
-                                                              :image.shape[1]]
+    h, w = image.shape[:2]
+    x = np.zeros((1,) + canvases.at_scale(h, w) + (3,), np.float32)
+    x[0, :h, :w] = transforms.normalize(image, norm)
+    return np.asarray(forward(state, jnp.asarray(x)))[0, :h, :w]
   return predict

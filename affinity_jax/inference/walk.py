@@ -1,10 +1,10 @@
 """AffinityNet + banded random walk in inference mode: CAMs -> walk scores per pixel.
 
-Images are batched by padding to a common grid (rounded up to `pad_multiple`); a `valid`
-mask keeps the padding out of the walk, and with a mesh each batch is split over its
-devices.
+Images are batched by padding onto a canvas (`inference.canvas`); a `valid` mask keeps
+the padding out of the walk, and with a mesh each batch is split over its devices.
 """
 
+import collections
 import functools
 
 import jax
@@ -15,7 +15,8 @@ from flax import nnx
 from affinity_jax.data import transforms
 from affinity_jax.errors import UserError
 from affinity_jax.inference import STRIDE
-from affinity_jax.ops import cam as cam_ops
+from affinity_jax.inference import canvas as canvas_lib
+from affinity_jax.inference import resize
 from affinity_jax.ops import random_walk
 from affinity_jax.training import mesh as mesh_lib
 
@@ -25,24 +26,28 @@ class Walker:
 
   Args:
     model: a trained AffinityNet.
-    rw_config: `config.rw` (alpha, radius, beta, t, border, flip, scales, normalize).
-    pad_multiple: a batch's height and width are rounded up to a multiple of this, so
-      many image sizes share a few compiled shapes (`batch_inputs`).
+    rw_config: `config.rw` (alpha, radius, beta, t, border, flip, scales, normalize,
+      batch_size).
+    canvases: the input shapes images are padded onto (`inference.canvas`).
     mesh: optional device mesh each batch is split over (see `walker`).
   """
 
-  def __init__(self, model: nnx.Module, rw_config, pad_multiple: int = 8,
+  def __init__(self, model: nnx.Module, rw_config,
+               canvases: canvas_lib.Canvases = canvas_lib.Canvases(),
                mesh: jax.sharding.Mesh | None = None):
     self.walk, self.state = walker(model, rw_config, mesh)
     self.normalization = model.backbone.normalization
     self.alpha = rw_config.alpha
     self.normalize = _checked(rw_config.normalize)
-    self.pad_multiple = pad_multiple
+    self.canvases = canvases
     self.devices = 1 if mesh is None else mesh.size
+    # Every call holds this many images (zero images fill the rest): one program per
+    # canvas.
+    self.batch_size = -(-rw_config.batch_size // self.devices) * self.devices
 
   def __call__(self, images: list[np.ndarray], cams: list[tuple[np.ndarray, np.ndarray]],
                embeddings: bool = False):
-    """Walks a batch of images from their merged CAMs.
+    """Walks images from their merged CAMs, those of one canvas `batch_size` at a time.
 
     Args:
       images: uint8 [H_i, W_i, 3].
@@ -54,22 +59,33 @@ class Walker:
       With `embeddings`, also float32 [Hp_i / 8, Wp_i / 8, D] per image (Hp_i, Wp_i:
       the image size padded to a multiple of 8).
     """
+    by_canvas = collections.defaultdict(list)
+    for i, image in enumerate(images):
+      by_canvas[self.canvases.canvas(*image.shape[:2])].append(i)
+    scores, embedded = [None] * len(images), [None] * len(images)
+    for canvas, group in by_canvas.items():
+      for start in range(0, len(group), self.batch_size):
+        chunk = group[start:start + self.batch_size]
+        out = self._walk([images[i] for i in chunk], [cams[i] for i in chunk],
+                         self.canvases.at_scale(*images[chunk[0]].shape[:2]))
+        for i, s, e in zip(chunk, *out):
+          scores[i], embedded[i] = s, e
+    return (scores, embedded) if embeddings else scores
+
+  def _walk(self, images, cams, canvas):
+    """Scores and embeddings of images of one canvas (H, W), in one call."""
     xs, grids = [], []
     for image, (cam, keys) in zip(images, cams):
       x, _ = transforms.pad_to_multiple(transforms.normalize(image, self.normalization),
                                         STRIDE, 0.0)
       xs.append(x)
       grids.append(walk_input(cam, keys, self.alpha, x.shape[:2]))
-    batch = [mesh_lib.pad_batch(a, self.devices)
-             for a in batch_inputs(xs, grids, self.pad_multiple)]
+    batch = batch_inputs(xs, grids, canvas, self.batch_size)
     out, embedding = self.walk(self.state, *(jnp.asarray(a) for a in batch))
-    out = np.asarray(out)
+    out, embedding = np.asarray(out), np.asarray(embedding)
     scores = [scores_to_image(normalize(out[b, :g.shape[0], :g.shape[1], :g.shape[2]],
-                                        self.normalize), x.shape[:2], image.shape[:2])
-              for b, (image, x, g) in enumerate(zip(images, xs, grids))]
-    if not embeddings:
-      return scores
-    embedding = np.asarray(embedding)
+                                        self.normalize), image.shape[:2])
+              for b, (image, g) in enumerate(zip(images, grids))]
     return scores, [embedding[b, :g.shape[0], :g.shape[1]] for b, g in enumerate(grids)]
 
 
@@ -116,24 +132,35 @@ def walk_input(cams: np.ndarray, keys: np.ndarray, alpha: float, padded: tuple[i
                ) -> np.ndarray:
   """The walk's input on the feature grid: [Hp/8, Wp/8, k+1], background first.
 
+  NumPy, so that images of many sizes compile nothing.
+
   Args:
     cams: [H, W, k] merged CAMs of the present classes (label ids `keys`).
     keys: [k] label ids.
-    alpha: background power, M_bg = (1 - max_c M_c)^alpha at full resolution.
+    alpha: background power, M_bg = (1 - max_c M_c)^alpha at full resolution
+      (`ops.cam.with_background`).
     padded: (Hp, Wp), the image size padded to a multiple of 8 (zeros beyond H, W).
   """
-  full = np.asarray(cam_ops.with_background(jnp.asarray(cams), alpha))
+  cams = np.asarray(cams, np.float32)
+  background = (np.float32(1) - cams.max(axis=-1, keepdims=True)) ** np.float32(alpha)
+  full = np.concatenate([background, cams], axis=-1)
   full = np.pad(full, ((0, padded[0] - full.shape[0]), (0, padded[1] - full.shape[1]),
                        (0, 0)))
   h, w = padded[0] // STRIDE, padded[1] // STRIDE
   return full.reshape(h, STRIDE, w, STRIDE, -1).mean(axis=(1, 3))
 
 
-def scores_to_image(scores: np.ndarray, padded: tuple[int, int], size: tuple[int, int]
-                    ) -> np.ndarray:
-  """[h, w, L] walk output -> [H, W, L]: bilinear to the padded size, then cropped."""
-  up = _resize(jnp.asarray(scores)[None], tuple(padded))[0]
-  return np.asarray(up)[:size[0], :size[1]]
+def scores_to_image(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """[h, w, L] walk output on an image's grid -> [H, W, L]: bilinear (half-pixel
+  centres) to the image padded to a multiple of 8 (8h x 8w), cropped to (H, W).
+
+  NumPy matrix products (`inference.resize`), so image sizes compile nothing.
+  """
+  h, w = scores.shape[:2]
+  rows = resize.stretch(STRIDE * h, h, h)[:size[0]]
+  cols = resize.stretch(STRIDE * w, w, w)[:size[1]]
+  return np.einsum("Hh,hwl,Ww->HWl", rows, scores.astype(np.float32), cols,
+                   optimize=True)
 
 
 def walker(model, rw_config, mesh=None):
@@ -214,27 +241,29 @@ def checked_scales(scales) -> tuple[float, ...]:
   return out
 
 
-def batch_inputs(images: list[np.ndarray], grids: list[np.ndarray], bucket: int
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Pads images of different sizes into one batch for `walker`.
+def batch_inputs(images: list[np.ndarray], grids: list[np.ndarray], canvas: tuple[int, int],
+                 slots: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Pads images of different sizes onto one canvas, as one batch for `walker`.
 
   Args:
     images: [Hp_i, Wp_i, 3] normalised images, sizes multiples of 8.
     grids: [Hp_i/8, Wp_i/8, L_i] walk inputs (`walk_input`).
-    bucket: the batch's height and width are rounded up to a multiple of this, so
-      many image sizes share a few compiled shapes.
+    canvas: (H, W), multiples of 8 that hold every image.
+    slots: the batch holds max(len(images), slots) images (zero images after them).
 
   Returns:
     (x [B, H, W, 3], grid [B, H/8, W/8, L], valid [B, H/8, W/8] bool), zeros and
     False beyond each image.
   """
-  bh = -(-max(x.shape[0] for x in images) // bucket) * bucket
-  bw = -(-max(x.shape[1] for x in images) // bucket) * bucket
+  bh, bw = canvas
+  if any(x.shape[0] > bh or x.shape[1] > bw for x in images):
+    raise ValueError(f"an image does not fit the canvas {canvas}")
   # L = max L_i rounded up to 8 channels: the walk pads its state to 8 lanes anyway, and
   # batches with different class counts then share a compiled walk.
   num_ch = -(-max(g.shape[-1] for g in grids) // random_walk.LANES) * random_walk.LANES
-  x = np.zeros((len(images), bh, bw, 3), np.float32)
-  grid = np.zeros((len(images), bh // STRIDE, bw // STRIDE, num_ch), np.float32)
+  n = max(len(images), slots)
+  x = np.zeros((n, bh, bw, 3), np.float32)
+  grid = np.zeros((n, bh // STRIDE, bw // STRIDE, num_ch), np.float32)
   valid = np.zeros(grid.shape[:3], bool)
   for b, (image, g) in enumerate(zip(images, grids)):
     x[b, :image.shape[0], :image.shape[1]] = image

@@ -22,15 +22,18 @@ def train(ctx: common.Context) -> None:
 def infer(ctx: common.Context) -> None:
   """Stores the merged 8-pass CAMs of each image's present classes.
 
-  Up to `cam.infer_batch` images at a time; images of one size go through the passes
-  together, each forward split over this host's devices.
+  `cam.infer_batch` images of one canvas at a time go through the passes together,
+  each forward split over this host's devices.
   """
   classifier, store = ctx.classifier(), ctx.files.cams
   todo = [i for i in ctx.label_ids() if not store.exists(i)]
+  examples = ((i, ctx.example(i)) for i in todo)
+  canvas_of = lambda item: ctx.canvases.canvas(*item[1]["image"].shape[:2])
   with Progress(total=len(todo), desc="infer_cam", disable=None) as bar:
-    for chunk in common.batches(todo, ctx.config.cam.infer_batch):
-      examples = [ctx.example(i) for i in chunk]
-      for image_id, example, cams in zip(chunk, examples, classifier.cams(examples)):
+    for chunk in common.grouped_batches(examples, canvas_of, ctx.config.cam.infer_batch):
+      ids, chunk_examples = zip(*chunk)
+      for image_id, example, cams in zip(ids, chunk_examples,
+                                         classifier.cams(list(chunk_examples))):
         keys = np.flatnonzero(example["labels"]) + 1
         store.save(image_id, cams[..., keys - 1], keys)
         bar.update(1)

@@ -10,6 +10,7 @@ from flax import nnx
 
 from affinity_jax.data import sources
 from affinity_jax.inference import cam
+from affinity_jax.inference import canvas
 from affinity_jax.inference import segment
 from affinity_jax.inference import walk
 from affinity_jax.models import heads
@@ -114,19 +115,24 @@ class Context:
     its own images)."""
     return mesh_lib.make_mesh(jax.local_devices())
 
+  @functools.cached_property
+  def canvases(self) -> canvas.Canvases:
+    """The input shapes of inference (`data.infer_canvases`, `data.infer_pad`)."""
+    return canvas.Canvases.from_config(self.config.data)
+
   def classifier(self) -> cam.Classifier:
     """The trained classifier with the config's scales and padding, on `local_mesh`."""
     return cam.Classifier(self.trained_model("cam"), self.config.cam.scales,
-                          self.config.data.infer_pad, self.local_mesh)
+                          self.canvases, self.config.cam.infer_batch, self.local_mesh)
 
   def walker(self) -> walk.Walker:
     """The trained AffinityNet and the config's walk, on `local_mesh`."""
-    return walk.Walker(self.trained_model("aff"), self.config.rw,
-                       self.config.data.infer_pad, self.local_mesh)
+    return walk.Walker(self.trained_model("aff"), self.config.rw, self.canvases,
+                       self.local_mesh)
 
   def segmenter(self):
     """`predict(image uint8 [H, W, 3]) -> uint8 [H, W]` of the trained segmentation net."""
-    return segment.predictor(self.trained_model("seg"), self.config.data.infer_pad)
+    return segment.predictor(self.trained_model("seg"), self.canvases)
 
 
 def train(ctx: Context, kind: str, model: nnx.Module, loss_fn, batches) -> None:
@@ -136,7 +142,13 @@ def train(ctx: Context, kind: str, model: nnx.Module, loss_fn, batches) -> None:
              ctx.mesh)
 
 
-def batches(items: list, size: int):
-  """`items` in consecutive chunks of at most `size`."""
-  for start in range(0, len(items), size):
-    yield items[start:start + size]
+def grouped_batches(items, key, size: int):
+  """Chunks of at most `size` items with one `key(item)` each, every chunk yielded as
+  soon as it is full, then the partial ones; a few items per key are held at a time."""
+  groups = {}
+  for item in items:
+    group = groups.setdefault(key(item), [])
+    group.append(item)
+    if len(group) == size:
+      yield groups.pop(key(item))
+  yield from groups.values()

@@ -7,6 +7,7 @@ from typing import Callable
 import jax
 import ml_collections
 
+from affinity_jax import compilation
 from affinity_jax import config_lib
 from affinity_jax.stages import affinity
 from affinity_jax.stages import cam
@@ -57,7 +58,9 @@ def run(config: ml_collections.ConfigDict, config_name: str, workdir: str,
       continue
     start = time.perf_counter()
     print(f"[{stage.name}] running", flush=True)
-    stage.run(ctx)
+    with compilation.Compiles() as compiles:
+      stage.run(ctx)
     mesh_lib.sync(stage.name)
-    print(f"[{stage.name}] finished in {time.perf_counter() - start:.1f} s", flush=True)
+    print(f"[{stage.name}] finished in {time.perf_counter() - start:.1f} s; {compiles}",
+          flush=True)
   return ctx

@@ -1,6 +1,6 @@
 """Stage 4 (`infer_rw`): AffinityNet features + banded random walk -> pseudo masks.
 
-Walks `config.rw.batch_size` images at a time (`inference.walk.Walker`) and stores the
+Walks `config.rw.batch_size` images of one canvas at a time (`inference.walk.Walker`) and stores the
 argmax labels; with `config.rw.dcrf` also a dense CRF of the walk's scores, in
 `config.crf.num_workers` processes while the next batches walk.
 """
@@ -20,12 +20,15 @@ def infer(ctx: common.Context) -> None:
           if not files.rw.exists(i) or (c.rw.dcrf and not files.rw_crf.exists(i))]
 
   def walked():
-    """Walks the images in batches, stores their labels, yields the dense-CRF jobs."""
-    for chunk in common.batches(todo, c.rw.batch_size):
-      images = [ctx.example(i)["image"] for i in chunk]
-      cams = [files.cams.load(i) for i in chunk]
-      for image_id, image, (_, keys), scores in zip(chunk, images, cams,
-                                                    walker(images, cams)):
+    """Walks the images in batches of one canvas, stores their labels, yields the
+    dense-CRF jobs."""
+    images = ((i, ctx.example(i)["image"]) for i in todo)
+    canvas_of = lambda item: ctx.canvases.canvas(*item[1].shape[:2])
+    for chunk in common.grouped_batches(images, canvas_of, c.rw.batch_size):
+      ids, chunk_images = zip(*chunk)
+      cams = [files.cams.load(i) for i in ids]
+      for image_id, image, (_, keys), scores in zip(ids, chunk_images, cams,
+                                                    walker(list(chunk_images), cams)):
         files.rw.save(image_id, walk.labels(scores, keys))
         yield files.rw_crf.path(image_id), image, scores, walk.label_ids(keys)
 
