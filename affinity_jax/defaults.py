@@ -30,7 +30,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """The reference ResNet-38 settings on VOC 2012 (spec: ../shared/spec/affinitynet.md)."""
+  """The reference ResNet-38 settings on VOC 2012 (the paper and its code, psa)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
 

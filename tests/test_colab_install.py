@@ -29,7 +29,8 @@ CUDA_JAX = {**CPU_JAX, "jax-cuda12-plugin": JAX, "jax-cuda12-pjrt": JAX}
 TPU_JAX = {**CPU_JAX, "libtpu": "0.0.30"}
 OLD_CUDA_JAX = {"jax": "0.7.2", "jaxlib": "0.7.2", "jax-cuda12-plugin": "0.7.2",
                 "jax-cuda12-pjrt": "0.7.2"}
-# What the H200 machine of session 18 ran: a newer series than the locked flax imports on.
+# What a CUDA 13 machine image shipped (jax 0.11.2 on an H200): a newer series than the
+# locked flax imports on.
 NEW_CUDA_JAX = {"jax": "0.11.2", "jaxlib": "0.11.2", "jax-cuda13-plugin": "0.11.2",
                 "jax-cuda13-pjrt": "0.11.2"}
 

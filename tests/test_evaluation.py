@@ -77,15 +77,14 @@ def test_overlays_are_rgb_and_blend():
     plots.cam_overlay(image, cams[:3])
 
 
-VOC = "/work/shared/voc_sample/VOC2012"
-
-
-def _rows(n=3):
-  if os.path.isdir(VOC):
-    names = sorted(f[:-4] for f in os.listdir(f"{VOC}/SegmentationClass"))[:n]
+def _rows(n=3, voc_sample=None):
+  """Overlay rows: from the real sample's images when given, else generated."""
+  if voc_sample:
+    voc = os.path.join(voc_sample, "VOC2012")
+    names = sorted(f[:-4] for f in os.listdir(f"{voc}/SegmentationClass"))[:n]
     for name in names:
-      image = np.asarray(Image.open(f"{VOC}/JPEGImages/{name}.jpg").convert("RGB"))
-      gt = np.asarray(Image.open(f"{VOC}/SegmentationClass/{name}.png"))
+      image = np.asarray(Image.open(f"{voc}/JPEGImages/{name}.jpg").convert("RGB"))
+      gt = np.asarray(Image.open(f"{voc}/SegmentationClass/{name}.png"))
       fg = ((gt > 0) & (gt < 255)).astype(np.float32)
       cam = np.stack([np.roll(fg, 15, axis=1) * np.linspace(0.3, 1, gt.shape[1])], -1)
       pseudo = np.where(np.roll(fg, 10, axis=0) > 0, gt.max(where=gt < 255, initial=0), 0)
@@ -115,6 +114,15 @@ def test_plots_written_with_expected_size(tmp_path):
     row["pseudo_crf"] = row["gt"]
   assert plots.overlay_grid(gpath, rows, cell_in=2.5, dpi=80) == 3
   assert Image.open(gpath).size[0] == 1000
+
+
+def test_overlay_grid_of_real_photos(voc_sample, tmp_path):
+  # Real photos differ in size and aspect: the grid's height follows the tallest.
+  gpath = str(tmp_path / "overlays.png")
+  rows = list(_rows(3, voc_sample))
+  assert plots.overlay_grid(gpath, rows, cell_in=2.5, dpi=80) == 3
+  aspect = max(r["image"].shape[0] / r["image"].shape[1] for r in rows)
+  assert Image.open(gpath).size == (800, round((3 * 2.5 * aspect + 0.3) * 80))
 
 
 def test_png_pairs_read_palette_pngs_lazily(tmp_path):

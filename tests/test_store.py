@@ -14,9 +14,6 @@ from scipy import ndimage
 from affinity_jax.errors import UserError
 from affinity_jax.labels import crf, store
 
-VOC = "/work/shared/voc_sample/VOC2012"
-
-
 def test_round_trip_and_exists(tmp_path):
   rng = np.random.default_rng(0)
   la = rng.dirichlet(np.ones(3), (9, 7)).astype(np.float32)
@@ -48,7 +45,7 @@ def test_save_rejects_inconsistent_arrays(tmp_path):
     store.save(str(tmp_path), "a", x, x, [0, 1, 2])
 
 
-# --- affinity labels from the stored form (issue 5) ---------------------------------------
+# --- affinity labels from the stored form ---------------------------------------
 
 def _offsets(r=5):
   out = [(0, dx) for dx in range(1, r)]
@@ -103,9 +100,9 @@ def _synthetic_case(seed, h=96, w=128):
   return image.clip(0, 255).astype(np.uint8), np.stack(cams, -1), keys
 
 
-def _voc_case(name):
-  image = np.asarray(Image.open(f"{VOC}/JPEGImages/{name}.jpg").convert("RGB"))
-  mask = np.asarray(Image.open(f"{VOC}/SegmentationClass/{name}.png"))
+def _voc_case(voc, name):
+  image = np.asarray(Image.open(f"{voc}/JPEGImages/{name}.jpg").convert("RGB"))
+  mask = np.asarray(Image.open(f"{voc}/SegmentationClass/{name}.png"))
   keys = np.array(sorted(set(np.unique(mask).tolist()) - {0, 255}))
   rng = np.random.default_rng(len(name))
   cams = []
@@ -130,15 +127,21 @@ def _agreement(tmp_path, case, crop, rng):
   return (full == quant).sum(), full.size
 
 
-def test_affinity_labels_from_store_agree_with_full_precision(tmp_path):
+def _assert_agree(tmp_path, cases):
   rng = np.random.default_rng(0)
   same = total = 0
-  cases = [(_synthetic_case(s), 96) for s in range(4)]
-  if os.path.isdir(VOC):
-    names = sorted(f[:-4] for f in os.listdir(f"{VOC}/SegmentationClass"))[:3]
-    cases += [(_voc_case(n), 448) for n in names]
   for case, crop in cases:
     s, t = _agreement(tmp_path, case, crop, rng)
     same, total = same + s, total + t
   print(f"pair-label agreement {same / total:.5f} over {total} pairs")
   assert same / total >= 0.99
+
+
+def test_affinity_labels_from_store_agree_with_full_precision(tmp_path):
+  _assert_agree(tmp_path, [(_synthetic_case(s), 96) for s in range(4)])
+
+
+def test_affinity_labels_from_store_agree_on_real_photos(voc_sample, tmp_path):
+  voc = os.path.join(voc_sample, "VOC2012")
+  names = sorted(f[:-4] for f in os.listdir(f"{voc}/SegmentationClass"))[:3]
+  _assert_agree(tmp_path, [(_voc_case(voc, n), 448) for n in names])

@@ -12,9 +12,6 @@ from affinity_jax import constants
 from affinity_jax.data import sources, voc
 from affinity_jax.errors import UserError
 
-SAMPLE = "/work/shared/voc_sample/VOC2012"
-
-
 def _save_jpeg(path, array):
   Image.fromarray(array).save(path, format="JPEG", quality=95)
 
@@ -156,10 +153,27 @@ def test_bad_inputs_raise_user_error_naming_the_file(tmp_path, kind):
 
 
 def test_missing_manual_dir_and_unprepared_split(tmp_path):
-  with pytest.raises(UserError, match="does not exist"):
+  with pytest.raises(UserError, match="does not exist.*--config.data.manual_dir=PATH"):
     sources.prepare("voc12", str(tmp_path / "data"), manual_dir=str(tmp_path / "nope"))
+  with pytest.raises(UserError, match="--manual_dir=PATH"):
+    sources.prepare("voc12", str(tmp_path / "data"), manual_dir=str(tmp_path / "nope"),
+                    manual_flag="--manual_dir")
   with pytest.raises(UserError, match="not prepared"):
     sources.open_split("voc12", "train", str(tmp_path / "data"))
+
+
+@pytest.mark.parametrize("variant", ["cpu", "sample"])
+def test_real_photo_variants_without_their_folder_say_which_flag(variant, tmp_path, monkeypatch):
+  # :cpu and :sample default to a folder beside the repository; elsewhere the run stops
+  # with one line that names the flag to pass.
+  from affinity_jax import config_lib
+  config = config_lib.load_config(os.path.abspath(f"configs/voc12_lite0.py:{variant}"))
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(UserError) as e:
+    sources.prepare("voc12", str(tmp_path / "data"), config.data.manual_dir)
+  message = str(e.value)
+  assert "\n" not in message
+  assert message.startswith(config.data.manual_dir) and "--config.data.manual_dir=PATH" in message
 
 
 def test_mask_helpers():
@@ -171,17 +185,17 @@ def test_mask_helpers():
   np.testing.assert_array_equal(voc.labels_from_mask(mask).nonzero()[0], [0, 2, 19])
 
 
-@pytest.mark.skipif(not os.path.isdir(SAMPLE), reason="no real VOC sample")
-def test_real_sample(tmp_path):
+def test_real_sample(voc_sample, tmp_path):
+  sample = os.path.join(voc_sample, "VOC2012")
   data_dir = str(tmp_path / "data")
-  builder = sources.prepare("voc12", data_dir, manual_dir=SAMPLE)
+  builder = sources.prepare("voc12", data_dir, manual_dir=sample)
   assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": 24, "val": 16}
   for split in ("train", "val"):
     seen = np.zeros(20, int)
     for image_id, ex in _read_split(data_dir, split).items():
-      mask = np.asarray(Image.open(os.path.join(SAMPLE, "SegmentationClass", f"{image_id}.png")))
+      mask = np.asarray(Image.open(os.path.join(sample, "SegmentationClass", f"{image_id}.png")))
       np.testing.assert_array_equal(ex["mask"], mask)
-      image = np.asarray(Image.open(os.path.join(SAMPLE, "JPEGImages", f"{image_id}.jpg")))
+      image = np.asarray(Image.open(os.path.join(sample, "JPEGImages", f"{image_id}.jpg")))
       np.testing.assert_array_equal(ex["image"], image)
       assert (ex["height"], ex["width"]) == mask.shape
       assert set(np.unique(ex["mask"])) <= set(range(21)) | {255}

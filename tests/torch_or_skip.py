@@ -18,6 +18,6 @@ def import_torch():
       import torch
     except ImportError as e:
       pytest.fail(f"{REQUIRE}=1 but torch does not import ({e}); install requirements-test.lock "
-                  "(README, 'Exact versions')", pytrace=False)
+                  "(docs/install.md)", pytrace=False)
     return torch
   return pytest.importorskip("torch", reason="torch is not installed (requirements-test.lock)")

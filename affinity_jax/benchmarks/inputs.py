@@ -1,6 +1,6 @@
 """Benchmark: what one input worker process delivers, and how many a train step needs.
 
-    python -m affinity_jax.benchmarks.inputs [--images ../shared/voc_dev/VOC2012/JPEGImages]
+    python -m affinity_jax.benchmarks.inputs [--images /data/VOCdevkit/VOC2012/JPEGImages]
         [--count 64] [--crop 448] [--repeats 3] [--step-rates 5,50,200,1000]
         [--out inputs.json]
 

@@ -26,7 +26,8 @@ def main(argv=None) -> int:
   try:
     if params and args.dataset != "scenes":
       raise UserError(f"--{next(iter(params))}: only applies to --dataset=scenes")
-    builder = sources.prepare(args.dataset, args.data_dir, args.manual_dir, **params)
+    builder = sources.prepare(args.dataset, args.data_dir, args.manual_dir,
+                              manual_flag="--manual_dir", **params)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

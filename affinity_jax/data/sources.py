@@ -52,17 +52,27 @@ def make_builder(dataset: str, data_dir: str, **params: Any):
   raise UserError(f"dataset: unknown dataset {dataset!r}, expected one of {DATASETS}")
 
 
-def prepare(dataset: str, data_dir: str, manual_dir: str | None = None, **params: Any):
-  """Prepares `dataset` under `data_dir` (a no-op when already prepared); returns the builder."""
+def prepare(dataset: str, data_dir: str, manual_dir: str | None = None,
+            manual_flag: str = "--config.data.manual_dir", **params: Any):
+  """Prepares `dataset` under `data_dir` (a no-op when already prepared); returns the builder.
+
+  Args:
+    dataset: 'voc12' or 'scenes'.
+    data_dir: where prepared datasets live.
+    manual_dir: voc12: the folder holding VOCdevkit/VOC2012 (or either of those).
+    manual_flag: the flag that sets `manual_dir`, named in the errors about it.
+    **params: for 'scenes', `ScenesConfig` fields.
+  """
   import tensorflow_datasets as tfds
 
   builder = make_builder(dataset, data_dir, **params)
   if dataset == "voc12":
     from affinity_jax.data import voc
     if not manual_dir:
-      raise UserError("manual_dir: voc12 needs the folder holding VOCdevkit/VOC2012")
+      raise UserError(f"manual_dir: voc12 needs the folder holding VOCdevkit/VOC2012; "
+                      f"pass it with {manual_flag}=PATH")
     # Check the layout before TFDS starts (its own checks are multi-line asserts).
-    manual_dir = voc.find_voc_root(manual_dir)
+    manual_dir = voc.find_voc_root(manual_dir, manual_flag)
     voc.split_files(manual_dir)
   config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
   builder.download_and_prepare(download_config=config)

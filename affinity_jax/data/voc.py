@@ -32,15 +32,24 @@ _LIST_DIRS = ("ImageSets/Segmentation", "ImageSets/SegmentationAug")
 _VALID_MASK_VALUES = np.array(list(range(constants.NUM_LABELS)) + [constants.IGNORE])
 
 
-def find_voc_root(manual_dir: str) -> str:
-  """Returns the `VOC2012` folder given it, its `VOCdevkit` parent or the folder above."""
+def find_voc_root(manual_dir: str, flag: str = "--config.data.manual_dir") -> str:
+  """Returns the `VOC2012` folder given it, its `VOCdevkit` parent or the folder above.
+
+  Args:
+    manual_dir: the folder the user gave.
+    flag: the command-line flag that sets it, named in the error when it does not exist.
+
+  Raises:
+    UserError: `manual_dir` does not exist or holds no VOC layout.
+  """
   candidates = [manual_dir, os.path.join(manual_dir, "VOC2012"),
                 os.path.join(manual_dir, "VOCdevkit", "VOC2012")]
   for c in candidates:
     if os.path.isdir(os.path.join(c, "JPEGImages")):
       return c
   if not os.path.isdir(manual_dir):
-    raise UserError(f"{manual_dir}: VOC manual directory does not exist")
+    raise UserError(f"{manual_dir}: VOC folder does not exist; pass the folder holding "
+                    f"VOCdevkit/VOC2012 with {flag}=PATH")
   raise UserError(f"{manual_dir}: no JPEGImages folder here, in VOC2012/ or in VOCdevkit/VOC2012/")
 
 
