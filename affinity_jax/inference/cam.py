@@ -68,7 +68,7 @@ class Classifier:
     x, _ = transforms.pad_to_multiple(transforms.normalize(image, self.normalization),
                                       STRIDE, 0.0)
     x = mesh_lib.pad_batch(x[None], _device_count(self.state))
-    logits, _ = self.forward(self.state, jnp.asarray(x))
+    logits, _ = self.forward(self.state, jax.device_put(x))
     probs = np.asarray(jax.nn.sigmoid(logits[0]))
     present = probs > threshold
     if not present.any():
@@ -177,7 +177,7 @@ def batched_cams(forward, state, examples: list[dict], normalization: str,
     x = np.concatenate([np.concatenate([inputs[i][0], inputs[i + 1][0]])
                         for inputs in passes])
     x = np.pad(x, [(0, 2 * max(0, slots - len(examples)))] + [(0, 0)] * 3)
-    outs.append(forward(state, jnp.asarray(mesh_lib.pad_batch(x, multiple)))[1])
+    outs.append(forward(state, jax.device_put(mesh_lib.pad_batch(x, multiple)))[1])
   outs = [np.asarray(out) for out in outs]   # After all calls are dispatched.
   merged = []
   for b, (example, inputs, size) in enumerate(zip(examples, passes, sizes)):

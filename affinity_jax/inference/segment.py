@@ -27,5 +27,5 @@ def predictor(model: nnx.Module, canvases: canvas_lib.Canvases = canvas_lib.Canv
     h, w = image.shape[:2]
     x = np.zeros((1,) + canvases.at_scale(h, w) + (3,), np.float32)
     x[0, :h, :w] = transforms.normalize(image, norm)
-    return np.asarray(forward(state, jnp.asarray(x)))[0, :h, :w]
+    return np.asarray(forward(state, jax.device_put(x)))[0, :h, :w]
   return predict

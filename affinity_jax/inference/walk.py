@@ -81,7 +81,7 @@ class Walker:
       xs.append(x)
       grids.append(walk_input(cam, keys, self.alpha, x.shape[:2]))
     batch = batch_inputs(xs, grids, canvas, self.batch_size)
-    out, embedding = self.walk(self.state, *(jnp.asarray(a) for a in batch))
+    out, embedding = self.walk(self.state, *(jax.device_put(a) for a in batch))
     out, embedding = np.asarray(out), np.asarray(embedding)
     scores = [scores_to_image(normalize(out[b, :g.shape[0], :g.shape[1], :g.shape[2]],
                                         self.normalize), image.shape[:2])
