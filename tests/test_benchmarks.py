@@ -158,3 +158,52 @@ def test_inputs_benchmark_rates_and_cores(tmp_path):
 
 def test_workers_needed_rounds_up():
   assert inputs.workers_needed(50, 25) == 2 and inputs.workers_needed(51, 25) == 3
+
+
+def test_rehearsal_projects_every_stage(tmp_path, monkeypatch):
+  from affinity_jax.benchmarks import rehearsal
+  from affinity_jax.inference import canvas
+  base_config = defaults.base_config
+
+  def small_config():   # The paper's config with cheaper inference (the canvases kept).
+    c = base_config()
+    c.cam.scales, c.cam.infer_batch = (1.0, 0.5), 1
+    c.rw.t, c.rw.batch_size = 8, 1
+    return c
+
+  monkeypatch.setattr(defaults, "base_config", small_config)
+  out = tmp_path / "rehearsal.json"
+  # Batch 8: the train steps split the batch over conftest's 8 CPU devices. Two images:
+  # one per canvas.
+  rehearsal.main(["--backbone=tiny", "--images=2", "--steps=1", "--crf-images=3",
+                  "--train-batch=8", "--crop=64", "--workers=0", f"--out={out}"])
+  result = json.loads(out.read_text())
+  rows = {r["stage"]: r for r in result["rows"]}
+  assert list(rows) == list(rehearsal.STAGES)
+  c = small_config()
+  canvases = canvas.Canvases.from_config(c.data)
+  used = {canvases.canvas(h, w) for h, w in result["sizes"]}
+  assert len(used) == len(canvases.sizes) == rows["infer_cam"]["canvases_used"]
+  programs = rows["infer_cam"]["programs_by_name"]
+  # One network program per canvas and scale; on several devices also one program per
+  # input shape that splits the batch put on the first device over the others.
+  assert programs.pop("jit(forward)") == len(used) * len(c.cam.scales)
+  assert set(programs) <= {"jit(_multi_slice)"}
+  assert rows["aff_labels"]["programs"] == 0
+  assert 0 <= rows["train_cam"]["host_wait"] <= 1
+  for r in rows.values():
+    assert r["images_per_s"] > 0 and r["projected_min"] > 0 and r["peak_host_mb"] > 0
+  total = result["projected_total_min"]
+  assert math.isfinite(total) and total > 0
+  assert math.isclose(total, sum(r["projected_min"] for r in rows.values()))
+
+
+def test_rehearsal_draws_every_canvas():
+  from affinity_jax.benchmarks import rehearsal
+  from affinity_jax.benchmarks import voc_sizes
+  from affinity_jax.inference import canvas
+  canvases = canvas.Canvases.from_config(defaults.base_config().data)
+  assert sum(n for *_, n in voc_sizes.SIZES) == 316 and voc_sizes.SIZES[0] == (375, 500, 132)
+  sizes = rehearsal.draw_sizes(2, 0, canvases)
+  assert {canvases.canvas(*s) for s in sizes} == set(canvases.sizes)
+  assert rehearsal.draw_sizes(20, 3, canvases) == rehearsal.draw_sizes(20, 3, canvases)

@@ -125,16 +125,28 @@ def _train_batch(kind: str, batch: int, crop: int, rng: np.random.Generator) -> 
                                            size=(batch, crop, crop)))
 
 
-def bench_train(kind: str, loss_fn, backbone: str, batch: int, crop: int, repeats: int,
-                mesh) -> dict:
-  """One row: images/s of the real jitted train step of network `kind`."""
-  if batch % mesh.size:
-    raise UserError(f"--{kind}-batch={batch} is not a multiple of the {mesh.size} devices")
+def loss_functions(config) -> dict:
+  """The loss function of each network kind ("cam", "aff", "seg") under `config`."""
+  return dict(cam=losses.classification_loss,
+              aff=functools.partial(losses.affinity_loss, radius=config.aff.radius,
+                                    border=config.aff.border),
+              seg=losses.segmentation_loss)
+
+
+def make_trainer(kind: str, loss_fn, backbone: str, mesh):
+  """The real train step of network `kind` from random weights, as `loop.train` runs it.
+
+  Returns:
+    (step, config, normalization): `step(batch) -> loss` runs one jitted step (donated
+    state, data-sharded `batch` of global arrays) and keeps the new state; `config` is
+    `defaults.base_config()[kind].train`; `normalization` the backbone's input one.
+  """
   config = defaults.base_config()[kind].train
   model = _NETS[kind](backbone, rngs=nnx.Rngs(0))
   graphdef, params, rng_state, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
   params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
   frozen = model.backbone.frozen_prefixes
+  normalization = model.backbone.normalization
   tx = optim.make_optimizer(params, config, frozen)
   replicated = mesh_lib.replicated(mesh)
 
@@ -147,12 +159,23 @@ def bench_train(kind: str, loss_fn, backbone: str, batch: int, crop: int, repeat
   del model, params, rest, host
   step_fn = loop.make_train_step(graphdef, tx, loss_fn, optim.make_schedule(config),
                                  nnx.to_pure_dict(rng_state), mesh, frozen)
-  data = mesh_lib.shard_batch(_train_batch(kind, batch, crop, np.random.default_rng(0)), mesh)
   rng = jax.device_put(jax.random.key(0), replicated)
 
-  def one():
-    holder["state"], metrics = step_fn(holder["state"], data, rng)
+  def step(batch):
+    holder["state"], metrics = step_fn(holder["state"], batch, rng)
     return metrics["loss"]
+
+  return step, config, normalization
+
+
+def bench_train(kind: str, loss_fn, backbone: str, batch: int, crop: int, repeats: int,
+                mesh) -> dict:
+  """One row: images/s of the real jitted train step of network `kind`."""
+  if batch % mesh.size:
+    raise UserError(f"--{kind}-batch={batch} is not a multiple of the {mesh.size} devices")
+  step, config, _ = make_trainer(kind, loss_fn, backbone, mesh)
+  data = mesh_lib.shard_batch(_train_batch(kind, batch, crop, np.random.default_rng(0)), mesh)
+  one = lambda: step(data)
 
   t0 = time.perf_counter()
   jax.block_until_ready(one())
@@ -384,10 +407,7 @@ def main(argv=None):
   print(f"backbone {a.backbone} on {info['devices']} x {info['device']} ({info['host']}), "
         f"jax {info['jax']}; compile excluded, median of {a.repeats}", flush=True)
 
-  loss_fns = dict(cam=losses.classification_loss,
-                  aff=functools.partial(losses.affinity_loss, radius=base.aff.radius,
-                                        border=base.aff.border),
-                  seg=losses.segmentation_loss)
+  loss_fns = loss_functions(base)
   rows = []
   for stage in STAGES:
     if stage not in stages:

@@ -160,7 +160,7 @@ def map_jobs(work: Callable, jobs: Iterable, workers: int,
 
 def run_pool(ids: Iterable[str], load: Callable[[str], tuple], out_dir: str, *,
              workers: int = 2, la_alpha: float = 4, ha_alpha: float = 32,
-             progress: bool = True) -> int:
+             progress: bool = True, done: Callable[[str], None] = lambda _: None) -> int:
   """CRFs every id whose store file is missing, in `workers` processes; resumable.
 
   The calling process loads the inputs (it may hold JAX, datasets, ...) and ships arrays
@@ -174,6 +174,7 @@ def run_pool(ids: Iterable[str], load: Callable[[str], tuple], out_dir: str, *,
     out_dir: store folder.
     workers: process count; <= 1 runs in this process.
     progress: show a `progress.Progress` display (a bar or timed lines).
+    done: called with each image id once its file is stored, in the order of `ids`.
 
   Returns:
     The number of images processed now (skipped ones not counted).
@@ -182,4 +183,4 @@ def run_pool(ids: Iterable[str], load: Callable[[str], tuple], out_dir: str, *,
   todo = [i for i in ids if not store.exists(out_dir, i)]
   jobs = ((out_dir, i, *load(i), la_alpha, ha_alpha) for i in todo)
   with Progress(total=len(todo), desc="dense CRF", unit="img", disable=not progress) as bar:
-    return map_jobs(_work, jobs, workers, lambda _: bar.update(1))
+    return map_jobs(_work, jobs, workers, lambda image_id: (bar.update(1), done(image_id)))
