@@ -116,22 +116,27 @@ def test_walks_and_segmentations_of_new_sizes_compile_nothing():
 
 def test_inference_stages_on_8_devices_store_what_1_device_stores(voc_tiny_workdir,
                                                                    tmp_path):
-  # voc_tiny_workdir ran on all 8 local devices; rerun both inference stages on one.
+  # voc_tiny_workdir ran on all 8 local devices; rerun both inference stages on 8 and on
+  # one, each in a copy of it.
   assert jax.local_device_count() == 8   # conftest.py
-  workdir = str(tmp_path / "one_device")
-  shutil.copytree(voc_tiny_workdir, workdir)
   config = config_lib.load_config(voc_tiny.CONFIG, voc_tiny.OVERRIDES)
-  ctx = common.Context(config, workdir, mesh_lib.make_mesh())
-  ctx.local_mesh = mesh_lib.make_mesh(jax.local_devices()[:1])
-  for store in (ctx.files.cams, ctx.files.rw):
-    shutil.rmtree(store.directory)
-  with compilation.Compiles() as compiles:
-    cam_stage.infer(ctx)
-  canvases_used = {ctx.canvases.canvas(*ctx.example(i)["image"].shape[:2])
-                   for i in ctx.label_ids()}
-  assert compiles.count == len(canvases_used) * len(config.cam.scales), compiles.by_name
-  rw_stage.infer(ctx)
-  eight = common.Context(config, voc_tiny_workdir, mesh_lib.make_mesh())
+  runs = {}
+  for devices in (8, 1):
+    workdir = str(tmp_path / f"devices_{devices}")
+    shutil.copytree(voc_tiny_workdir, workdir)
+    ctx = common.Context(config, workdir, mesh_lib.make_mesh())
+    ctx.local_mesh = mesh_lib.make_mesh(jax.local_devices()[:devices])
+    for store in (ctx.files.cams, ctx.files.rw):
+      shutil.rmtree(store.directory)
+    with compilation.Compiles() as compiles:
+      cam_stage.infer(ctx)
+    canvases_used = {ctx.canvases.canvas(*ctx.example(i)["image"].shape[:2])
+                     for i in ctx.label_ids()}
+    # The network's programs only: batches go straight to their devices.
+    assert compiles.by_name == {"jit(forward)": len(canvases_used) * len(config.cam.scales)}
+    rw_stage.infer(ctx)
+    runs[devices] = ctx
+  ctx, eight = runs[1], runs[8]
   ids = ctx.label_ids()
   assert len(ids) > 10 and len({ctx.example(i)["image"].shape for i in ids}) > 3
   for image_id in ids:

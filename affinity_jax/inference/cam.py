@@ -68,7 +68,7 @@ class Classifier:
     x, _ = transforms.pad_to_multiple(transforms.normalize(image, self.normalization),
                                       STRIDE, 0.0)
     x = mesh_lib.pad_batch(x[None], _device_count(self.state))
-    logits, _ = self.forward(self.state, jax.device_put(x))
+    logits, _ = self.forward(self.state, _to_devices(x, self.state))
     probs = np.asarray(jax.nn.sigmoid(logits[0]))
     present = probs > threshold
     if not present.any():
@@ -78,6 +78,16 @@ class Classifier:
 
 def _device_count(state) -> int:
   return len(jax.tree.leaves(state)[0].sharding.device_set)
+
+
+def _to_devices(x: np.ndarray, state) -> jax.Array:
+  """x placed as the forward of `state` takes it: split over the mesh `state` is
+  replicated on, else on the default device. Placed directly, not resharded by a
+  program compiled per shape (`jnp.asarray` also compiles one)."""
+  sharding = jax.tree.leaves(state)[0].sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.device_put(x, mesh_lib.data_sharding(sharding.mesh))
+  return jax.device_put(x)
 
 
 def classifier_forward(model, mesh=None):
@@ -177,7 +187,7 @@ def batched_cams(forward, state, examples: list[dict], normalization: str,
     x = np.concatenate([np.concatenate([inputs[i][0], inputs[i + 1][0]])
                         for inputs in passes])
     x = np.pad(x, [(0, 2 * max(0, slots - len(examples)))] + [(0, 0)] * 3)
-    outs.append(forward(state, jax.device_put(mesh_lib.pad_batch(x, multiple)))[1])
+    outs.append(forward(state, _to_devices(mesh_lib.pad_batch(x, multiple), state))[1])
   outs = [np.asarray(out) for out in outs]   # After all calls are dispatched.
   merged = []
   for b, (example, inputs, size) in enumerate(zip(examples, passes, sizes)):

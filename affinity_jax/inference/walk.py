@@ -41,6 +41,8 @@ class Walker:
     self.normalize = _checked(rw_config.normalize)
     self.canvases = canvases
     self.devices = 1 if mesh is None else mesh.size
+    # Batches go straight to their devices (no resharding program per shape).
+    self.sharding = None if mesh is None else mesh_lib.data_sharding(mesh)
     # Every call holds this many images (zero images fill the rest): one program per
     # canvas.
     self.batch_size = -(-rw_config.batch_size // self.devices) * self.devices
@@ -81,7 +83,8 @@ class Walker:
       xs.append(x)
       grids.append(walk_input(cam, keys, self.alpha, x.shape[:2]))
     batch = batch_inputs(xs, grids, canvas, self.batch_size)
-    out, embedding = self.walk(self.state, *(jax.device_put(a) for a in batch))
+    out, embedding = self.walk(self.state,
+                               *(jax.device_put(a, self.sharding) for a in batch))
     out, embedding = np.asarray(out), np.asarray(embedding)
     scores = [scores_to_image(normalize(out[b, :g.shape[0], :g.shape[1], :g.shape[2]],
                                         self.normalize), image.shape[:2])
