@@ -13,15 +13,20 @@ import traceback
 from typing import Sequence
 
 from affinity_jax import config_lib
+from affinity_jax import workdir as workdir_layout
 
 
 def main(argv: Sequence[str]) -> None:
+  cl = config_lib.parse_command_line(argv)
+  single = not cl.config.distributed.coordinator_address
+  if single and cl.mode != "eval":  # Refused in a second, before jax is imported.
+    workdir_layout.refuse_if_in_use(cl.workdir)
   from absl import logging  # TFDS logs a warning per custom scenes config; keep errors.
   logging.set_verbosity(logging.ERROR)
   from affinity_jax.stages import pipeline  # Heavy imports after argument errors.
 
-  cl = config_lib.parse_command_line(argv, modes=pipeline.MODES)
-  if not cl.config.distributed.coordinator_address:
+  config_lib.check_mode(cl.mode, pipeline.MODES)
+  if single:
     pipeline.run(cl.config, cl.config_name, cl.workdir, cl.mode)
     return
   try:

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from affinity_jax import stopping
 from affinity_jax.data import pipeline
 from affinity_jax.progress import Progress
 from affinity_jax.stages import common
@@ -27,6 +28,7 @@ def infer(ctx: common.Context) -> None:
   """
   classifier, store = ctx.classifier(), ctx.files.cams
   todo = [i for i in ctx.label_ids() if not store.exists(i)]
+  stored = 0
   with Progress(total=len(todo), desc="infer_cam", disable=None) as bar:
     for chunk in common.batches(todo, ctx.config.cam.infer_batch):
       examples = [ctx.example(i) for i in chunk]
@@ -34,4 +36,6 @@ def infer(ctx: common.Context) -> None:
         keys = np.flatnonzero(example["labels"]) + 1
         store.save(image_id, cams[..., keys - 1], keys)
         bar.update(1)
+        stored += 1
+        stopping.stop_if_requested(f"in infer_cam, {stored} of {len(todo)} images stored")
   store.mark_finished()

@@ -7,6 +7,7 @@ argmax labels; with `config.rw.dcrf` also a dense CRF of the walk's scores, in
 
 import functools
 
+from affinity_jax import stopping
 from affinity_jax.inference import walk
 from affinity_jax.labels import crf
 from affinity_jax.progress import Progress
@@ -28,6 +29,8 @@ def infer(ctx: common.Context) -> None:
                                                     walker(images, cams)):
         files.rw.save(image_id, walk.labels(scores, keys))
         yield files.rw_crf.path(image_id), image, scores, walk.label_ids(keys)
+        if stopping.requested():  # Stop after this image; its CRF finishes too.
+          return
 
   with Progress(total=len(todo), desc="infer_rw", disable=None) as bar:
     if c.rw.dcrf:
@@ -37,4 +40,5 @@ def infer(ctx: common.Context) -> None:
     else:
       for _ in walked():
         bar.update(1)
+  stopping.stop_if_requested("in infer_rw, the images walked so far stored")
   files.rw.mark_finished()

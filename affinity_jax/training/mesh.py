@@ -6,10 +6,12 @@ On a TPU pod slice or several GPU hosts, `maybe_initialize_distributed` must run
 before anything else touches JAX so that `jax.devices()` lists every host's devices.
 """
 
+import functools
 import json
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -107,6 +109,21 @@ def all_processes(flag: bool) -> bool:
     return bool(flag)
   from jax.experimental import multihost_utils
   return bool(np.all(multihost_utils.process_allgather(np.asarray(bool(flag)))))
+
+
+@functools.lru_cache(maxsize=8)
+def _max_of(mesh: Mesh):
+  return jax.jit(jnp.max, out_shardings=replicated(mesh))
+
+
+def max_over_processes(value: int, mesh: Mesh) -> jax.Array:
+  """The largest of every process's `value`, dispatched without waiting (each must call it).
+
+  Returns:
+    A replicated int32 scalar; `np.asarray(x.addressable_data(0))` waits and reads it.
+  """
+  local = np.full((mesh.local_mesh.devices.size,), value, np.int32)
+  return _max_of(mesh)(jax.make_array_from_process_local_data(data_sharding(mesh), local))
 
 
 def gather_json(value: Any) -> list:
