@@ -13,6 +13,7 @@ import traceback
 from typing import Sequence
 
 from affinity_jax import config_lib
+from affinity_jax import stopping
 from affinity_jax import workdir as workdir_layout
 
 
@@ -35,6 +36,9 @@ def main(argv: Sequence[str]) -> None:
     exit_at_once(e)
 
 
+STOP_WAIT_S = 60  # How long a stopped host waits for the others to stop too.
+
+
 def exit_at_once(error: BaseException) -> None:
   """Ends a process of a multi-host run that failed, without jax's shutdown.
 
@@ -44,6 +48,11 @@ def exit_at_once(error: BaseException) -> None:
   error) or at most `distributed.heartbeat_timeout_s`.
   """
   code = config_lib.report_stop(error)   # A UserError or an interrupt: its one line.
+  if isinstance(error, stopping.Stopped):
+    # Every host stops: the first to exit would end the others' coordination service
+    # (process 0 runs it) while they still save their step or image.
+    from affinity_jax.training import mesh as mesh_lib
+    mesh_lib.wait_for_all("affinity_jax_stopped", STOP_WAIT_S)
   if code is None and isinstance(error, SystemExit):
     code = error.code if isinstance(error.code, int) else 1
   elif code is None:

@@ -39,9 +39,32 @@ def name(signum: int) -> str:
     return f"signal {signum}"
 
 
+_peers = None  # `share_with_peers`'s functions, on several hosts.
+
+
 def requested() -> int:
-  """The number of the signal that asked this process to stop, or 0."""
-  return _requested
+  """The number of the signal that asked this process, or another of the run (see
+  `share_with_peers`), to stop; 0 when none did."""
+  if _peers is None:
+    return _requested
+  publish, look = _peers
+  if _requested:
+    publish(_requested)
+    return _requested
+  return look()
+
+
+@contextlib.contextmanager
+def share_with_peers(publish, look) -> Iterator[None]:
+  """Inside the block, `requested` tells the run's other processes of this one's signal
+  (`publish(signum)`) and learns of theirs (`look() -> signum or 0`), so that every host
+  of a multi-host run stops at its next image too."""
+  global _peers
+  _peers = (publish, look)
+  try:
+    yield
+  finally:
+    _peers = None
 
 
 def request(signum: int) -> None:
@@ -59,15 +82,16 @@ def stopped(what: str, signum: int = 0) -> Stopped:
       images (each one stored)".
     signum: the signal (another process's, on several hosts).
   """
-  signum = signum or _requested or signal.SIGTERM
+  signum = signum or requested() or signal.SIGTERM
   return Stopped(f"stopped by {name(signum)} {what}; run the same command again to "
                  "resume", signum)
 
 
 def stop_if_requested(what: str) -> None:
   """Raises `stopped(what)` when a stop was requested."""
-  if _requested:
-    raise stopped(what)
+  signum = requested()
+  if signum:
+    raise stopped(what, signum)
 
 
 def _handler(signum, frame) -> None:

@@ -63,6 +63,9 @@ def run(config: ml_collections.ConfigDict, config_name: str, workdir: str,
     if busy is not None:
       raise busy
     stack.enter_context(stopping.handling_signals())
+    if jax.process_count() > 1:  # Every host stops at its next image or step.
+      stack.enter_context(stopping.share_with_peers(mesh_lib.publish_stop,
+                                                    mesh_lib.published_stop))
     config_lib.check_workdir(config, workdir, config_name, write=first)
     ctx = common.Context(config, workdir, mesh_lib.make_mesh())
     if first:
@@ -84,6 +87,8 @@ def run(config: ml_collections.ConfigDict, config_name: str, workdir: str,
       except stopping.Stopped:
         print(f"[{stage.name}] stopped after {time.perf_counter() - start:.1f} s", flush=True)
         raise
+      # A host done with its images stops with the others rather than wait for them here.
+      stopping.stop_if_requested(f"after {stage.name}, its outputs stored")
       mesh_lib.sync(stage.name)
       print(f"[{stage.name}] finished in {time.perf_counter() - start:.1f} s", flush=True)
   return ctx

@@ -73,8 +73,9 @@ class Checkpointer:
     """
     if isinstance(data_state, bytes):
       data_state = {_BYTES_KEY: base64.b64encode(data_state).decode("ascii")}
-    # Orbax raises a failed asynchronous write at the next save or wait.
-    with io.writing(os.path.join(self.directory, str(int(step)))):
+    # Orbax raises a failed asynchronous write at the next save or wait: the folder,
+    # not this step, is what could not be written.
+    with io.writing(self.directory):
       saved = self._manager.save(
           int(step),
           args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -184,15 +185,18 @@ class Checkpointer:
       self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.close()
+    with io.writing(self.directory):  # Closing waits for the writes too.
+      self._manager.close()
 
   def __enter__(self) -> "Checkpointer":
     return self
 
   def __exit__(self, *exc) -> None:
     """Waits for asynchronous writes, then closes."""
-    self.wait()
-    self.close()
+    try:
+      self.wait()
+    finally:
+      self.close()
 
 def restore_model(model: nnx.Module, directory: str, step: int | None = None,
                   sharding: jax.sharding.Sharding | None = None) -> None:
