@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import ml_collections
 
 from affinity_jax import io
+from affinity_jax import stopping
 from affinity_jax.errors import UserError
 
 # What may change between runs in one workdir: keys that change neither what has been
@@ -355,18 +356,27 @@ def parse_command_line(argv: Sequence[str], modes: Sequence[str] = (),
     if not values.get(name):
       raise UserError(f"missing --{name}=...")
   mode = values.get("mode", default_mode)
-  if modes and mode not in modes:
-    raise UserError(f"unknown --mode={mode}; choose one of {', '.join(modes)}")
+  check_mode(mode, modes)
   config = load_config(values["config"], overrides)
   return CommandLine(config, values["config"], values["workdir"], mode)
 
 
+def check_mode(mode: str, modes: Sequence[str]) -> None:
+  """Raises a `UserError` listing `modes` when `mode` is not one (no check if empty)."""
+  if modes and mode not in modes:
+    raise UserError(f"unknown --mode={mode}; choose one of {', '.join(modes)}")
+
+
 def report_stop(error: BaseException) -> int | None:
-  """For a `UserError` or an interrupt: prints its one line on stderr and returns the
-  exit status (2 or 130); None for any other exception."""
+  """For a `UserError`, a stop on a signal or an interrupt: prints its one line on
+  stderr and returns the exit status (2; 128 + the signal, `stopping.Stopped`; 130);
+  None for any other exception."""
   if isinstance(error, UserError):
     print(f"error: {error}", file=sys.stderr)
     return 2
+  if isinstance(error, stopping.Stopped):
+    print(error, file=sys.stderr)
+    return error.code
   if isinstance(error, KeyboardInterrupt):
     print("interrupted; run the same command again to resume", file=sys.stderr)
     return 130
@@ -377,5 +387,5 @@ def run_main(main: Callable[[Sequence[str]], Any], argv: Sequence[str] | None = 
   """Runs `main(argv)`; a `UserError` becomes `error: <message>` on stderr and exit 2."""
   try:
     main(sys.argv[1:] if argv is None else list(argv))
-  except (UserError, KeyboardInterrupt) as e:
+  except (UserError, stopping.Stopped, KeyboardInterrupt) as e:
     sys.exit(report_stop(e))

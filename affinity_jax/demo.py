@@ -20,6 +20,7 @@ import numpy as np
 
 from affinity_jax import config_lib
 from affinity_jax import constants
+from affinity_jax import workdir as workdir_layout
 from affinity_jax.data import transforms
 from affinity_jax.errors import UserError
 from affinity_jax.evaluation import plots
@@ -67,11 +68,15 @@ def open_workdir(workdir: str, run: bool = True) -> common.Context:
     workdir: holds `config.json`, whose config (and config name) is used.
     run: run the stages whose outputs are missing (finished ones are skipped); False
       only opens the workdir and writes nothing (for reading a run still in progress).
+      A workdir another run holds (`workdir.lock`) is only opened, with a note saying so.
   """
   name, config = config_lib.workdir_config(workdir)
-  if not run:
-    return common.Context(config, workdir, mesh_lib.make_mesh())
-  return pipeline.run(config, name, workdir)
+  if run:
+    try:
+      return pipeline.run(config, name, workdir)
+    except workdir_layout.InUse as e:  # Another run writes it: only read.
+      print(f"note: {e.where}: opened for reading only", flush=True)
+  return common.Context(config, workdir, mesh_lib.make_mesh())
 
 
 def image_ids(ctx: common.Context, split: str | None = None) -> list[str]:

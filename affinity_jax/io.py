@@ -4,9 +4,14 @@ label PNG reader that matches `save_label_png`.
 Every writer goes to a temporary file in the destination folder, flushes and
 fsyncs it, then `os.replace`s it onto the final name (atomic on POSIX).
 Readers therefore see either the old file, no file, or the whole new file.
+
+A write that fails for want of space or permission (`WRITE_ERRORS`) removes its
+temporary file and raises a one-line `UserError` naming the path and the cause
+(`write_error`).
 """
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -18,19 +23,56 @@ import numpy as np
 from affinity_jax.errors import UserError
 
 
+# Why a write can fail that the user, not the code, must fix.
+WRITE_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+                errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                errno.EROFS: "read-only file system"}
+
+
+def write_error(path: str, error: BaseException) -> BaseException:
+  """`error`, met while writing `path`, as a one-line `UserError` when it is one of
+  `WRITE_ERRORS` (also when wrapped by a library, as its `__cause__` or `__context__`);
+  else `error` itself."""
+  seen = error
+  while seen is not None and not (isinstance(seen, OSError) and seen.errno in WRITE_ERRORS):
+    seen = seen.__cause__ or seen.__context__
+  if seen is None:
+    return error
+  return UserError(f"cannot write {path}: {WRITE_ERRORS[seen.errno]} "
+                   f"({seen.strerror or seen}); nothing half-written was kept: free space or "
+                   "fix the permissions, then run the same command again")
+
+
+@contextlib.contextmanager
+def writing(path: str) -> Iterator[None]:
+  """Turns the `WRITE_ERRORS` of the block, which writes `path`, into `write_error`s."""
+  try:
+    yield
+  except UserError:
+    raise
+  except Exception as e:  # noqa: BLE001 -- only the causes above change; others go on.
+    converted = write_error(path, e)
+    if converted is e:
+      raise
+    raise converted from None
+
+
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = "wb") -> Iterator[Any]:
   """Opens a temporary file that replaces `path` when the block exits cleanly."""
   directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+  with writing(path):
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-",
+                               suffix=os.path.basename(path))
   try:
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode.
-    with os.fdopen(fd, mode) as f:
-      yield f
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with writing(path):
+      os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode.
+      with os.fdopen(fd, mode) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)

@@ -13,21 +13,30 @@ import traceback
 from typing import Sequence
 
 from affinity_jax import config_lib
+from affinity_jax import stopping
+from affinity_jax import workdir as workdir_layout
 
 
 def main(argv: Sequence[str]) -> None:
+  cl = config_lib.parse_command_line(argv)
+  single = not cl.config.distributed.coordinator_address
+  if single and cl.mode != "eval":  # Refused in a second, before jax is imported.
+    workdir_layout.refuse_if_in_use(cl.workdir)
   from absl import logging  # TFDS logs a warning per custom scenes config; keep errors.
   logging.set_verbosity(logging.ERROR)
   from affinity_jax.stages import pipeline  # Heavy imports after argument errors.
 
-  cl = config_lib.parse_command_line(argv, modes=pipeline.MODES)
-  if not cl.config.distributed.coordinator_address:
+  config_lib.check_mode(cl.mode, pipeline.MODES)
+  if single:
     pipeline.run(cl.config, cl.config_name, cl.workdir, cl.mode)
     return
   try:
     pipeline.run(cl.config, cl.config_name, cl.workdir, cl.mode)
   except BaseException as e:  # noqa: BLE001 -- every failure ends the process at once.
     exit_at_once(e)
+
+
+STOP_WAIT_S = 60  # How long a stopped host waits for the others to stop too.
 
 
 def exit_at_once(error: BaseException) -> None:
@@ -39,6 +48,11 @@ def exit_at_once(error: BaseException) -> None:
   error) or at most `distributed.heartbeat_timeout_s`.
   """
   code = config_lib.report_stop(error)   # A UserError or an interrupt: its one line.
+  if isinstance(error, stopping.Stopped):
+    # Every host stops: the first to exit would end the others' coordination service
+    # (process 0 runs it) while they still save their step or image.
+    from affinity_jax.training import mesh as mesh_lib
+    mesh_lib.wait_for_all("affinity_jax_stopped", STOP_WAIT_S)
   if code is None and isinstance(error, SystemExit):
     code = error.code if isinstance(error.code, int) else 1
   elif code is None:

@@ -1,6 +1,7 @@
 """The workdir's layout: every folder name lives here, each artefact behind one store.
 
   workdir/
+    lock                        who runs in it (`lock`): host, pid, since when
     config.json                 the resolved config (written by `config_lib`)
     tfds/                       prepared datasets (unless data.data_dir is set)
     cam/ aff/ seg/              `checkpoints(kind)`: ckpt/ and metrics.jsonl of `loop.train`
@@ -13,11 +14,20 @@
 A per-image store is finished when its folder holds `DONE-<process index>`: each host
 writes its own share of the images and then its own marker.
 
+One run writes a workdir at a time: it holds `lock` (see `lock`) from before its first
+write to its end; on several hosts, process 0 holds it for all.
+
 Imports only NumPy at the top (orbax when a checkpoint is read), so the input
 pipeline's worker processes, which unpickle the stores' `load`, stay light.
 """
 
+import datetime
+import errno
+import fcntl
+import json
 import os
+import socket
+import time
 
 import numpy as np
 
@@ -27,6 +37,8 @@ from affinity_jax.errors import UserError
 from affinity_jax.labels import store as crf_format
 
 CONFIG = config_lib.CONFIG_FILE
+LOCK = "lock"
+_TRIES = 5  # `lock` tries this often, 50 ms apart, before it refuses.
 DATASETS = "tfds"
 CHECKPOINT = "ckpt"         # In a training folder: what `training.loop` writes there,
 METRICS = "metrics.jsonl"  # the checkpoints and the metrics log.
@@ -165,8 +177,8 @@ class ReportStore:
   RESULTS = "results.json"
   TABLE = "results.md"
 
-  def __init__(self, root: str):
-    self.directory = os.path.join(root, self.folder)
+  def __init__(self, root: str, folder: str = folder):
+    self.directory = os.path.join(root, folder)
 
   def path(self, name: str) -> str:
     return os.path.join(self.directory, name)
@@ -214,3 +226,114 @@ class Workdir:
   def pseudo_labels(self, dcrf: bool) -> LabelStore:
     """The labels the segmentation net trains on: `rw_crf` with `rw.dcrf`, else `rw`."""
     return self.rw_crf if dcrf else self.rw
+
+
+class InUse(UserError):
+  """Another run holds the workdir's lock; `holder` is its record (host, pid, since)."""
+
+  def __init__(self, root: str, holder: dict):
+    who = (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, since "
+           f"{holder.get('since', '?')}") if holder else "holder unknown"
+    self.where = f"workdir {root} is in use by another run ({who})"
+    super().__init__(f"{self.where}; wait for it to end or use another --workdir")
+    self.holder = holder
+
+
+class Lock:
+  """This process's hold on a workdir's `lock` file; `release` (or the process's end,
+  even by SIGKILL) gives it up."""
+
+  def __init__(self, path: str, fd: int):
+    self.path = path
+    self._fd = fd
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # Closing the descriptor drops the kernel lock.
+      self._fd = None
+
+  def __enter__(self) -> "Lock":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+def lock(root: str) -> Lock:
+  """Takes the lock of workdir `root` (created if missing) for this process.
+
+  A kernel lock (`flock`) on `<root>/lock`: the kernel drops it when the holder's
+  process ends however it ends, so a killed run never blocks the next one; on NFS the
+  kernel maps it to a lock the server keeps for every client. The file is never
+  deleted (a run that opened it before the deletion would lock a file others no
+  longer see); it holds the last holder's host, pid and start time, for `InUse`.
+
+  Raises:
+    InUse: another run holds it (one line naming the holder).
+    UserError: the workdir cannot be written (`io.write_error`), or its filesystem has
+      no file locks.
+  """
+  path = os.path.join(root, LOCK)
+  try:
+    os.makedirs(root, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+  except OSError as e:
+    raise io.write_error(path, e) from None
+  try:
+    for attempt in range(_TRIES):
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+      except BlockingIOError:
+        if attempt == _TRIES - 1:
+          raise
+        time.sleep(0.05)  # Perhaps a starting run's `refuse_if_in_use`, for a moment.
+  except BlockingIOError:
+    holder = _read_holder(fd)
+    os.close(fd)
+    raise InUse(root, holder) from None
+  except OSError as e:
+    os.close(fd)
+    if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+      raise UserError(f"{path}: the filesystem of workdir {root} has no file locks "
+                      f"({e.strerror}); use a local disk or NFS") from None
+    raise
+  record = {"host": socket.gethostname(), "pid": os.getpid(),
+            "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+  data = (json.dumps(record) + "\n").encode()
+  try:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+  except OSError as e:
+    os.close(fd)
+    raise io.write_error(path, e) from None
+  return Lock(path, fd)
+
+
+def refuse_if_in_use(root: str) -> None:
+  """Raises `InUse` when another run holds workdir `root`'s lock; writes nothing.
+
+  A quick look before the heavy imports, so that a second run is refused at once; the
+  run takes the lock itself later (`lock`).
+  """
+  path = os.path.join(root, LOCK)
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:  # No lock file (a new workdir) or none readable: `lock` will tell.
+    return
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+  except BlockingIOError:
+    raise InUse(root, _read_holder(fd)) from None
+  except OSError:
+    return
+  finally:
+    os.close(fd)
+
+
+def _read_holder(fd: int) -> dict:
+  try:
+    record = json.loads(os.pread(fd, 4096, 0) or b"{}")
+  except (OSError, ValueError):  # Being written this very moment.
+    return {}
+  return record if isinstance(record, dict) else {}

@@ -1,7 +1,9 @@
 """The generic train loop: sharding invariance, resume after interruption, logs."""
 
+import errno
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -225,6 +227,53 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path, monkeypatch):
   lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
   steps = [json.loads(l)["step"] for l in lines]
   assert steps == [1, 2, 3, 4, 5]
+
+
+# Paths whose writes fail as on a full disk (None: none): an audit hook, since orbax
+# writes from its own threads. Hooks cannot be removed; this one is idle when None.
+_FULL_DISK_UNDER = None
+
+
+def _full_disk(event, args):
+  if _FULL_DISK_UNDER is None or event not in ("open", "os.rename"):
+    return
+  path = args[1] if event == "os.rename" else args[0]
+  writes = event != "open" or (len(args) > 2 and isinstance(args[2], int)
+                               and args[2] & (os.O_WRONLY | os.O_RDWR))
+  if writes and isinstance(path, (str, os.PathLike)) and \
+      os.fspath(path).startswith(_FULL_DISK_UNDER):
+    raise OSError(errno.ENOSPC, "No space left on device", os.fspath(path))
+
+
+sys.addaudithook(_full_disk)
+
+
+def test_a_checkpoint_the_disk_cannot_hold_is_one_line_and_resume_skips_it(tmp_path):
+  global _FULL_DISK_UNDER
+  mesh = mesh_lib.make_mesh()
+  config = toy_config(steps=6, ckpt_every=2)
+  full = loop.train(Toy(nnx.Rngs(0)), loss_fn, ToyBatches(mesh), config,
+                    str(tmp_path / "full"), mesh=mesh)
+  ckpt = str(tmp_path / "cut" / "ckpt")
+  _FULL_DISK_UNDER = os.path.join(ckpt, "4")   # Step 4's folder, temporary or final.
+  try:
+    with pytest.raises(UserError) as e:
+      loop.train(Toy(nnx.Rngs(0)), loss_fn, ToyBatches(mesh), config,
+                 str(tmp_path / "cut"), mesh=mesh)
+  finally:
+    _FULL_DISK_UNDER = None
+  message = str(e.value)
+  assert message.startswith(f"cannot write {ckpt}") and "disk full" in message, message
+  assert "\n" not in message
+  assert loop.latest_step(str(tmp_path / "cut"), config) == 2
+  batches = ToyBatches(mesh)
+  resumed = loop.train(Toy(nnx.Rngs(1)), loss_fn, batches, config, str(tmp_path / "cut"),
+                       mesh=mesh)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               params_of(full), params_of(resumed))
+  steps = [json.loads(l)["step"]
+           for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [1, 2, 3, 4, 5, 6]
 
 
 def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, capsys, monkeypatch):

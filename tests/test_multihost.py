@@ -8,6 +8,7 @@ process).
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -257,6 +258,64 @@ def test_every_file_is_written_once_by_its_owner(mh_run):
     name = os.path.basename(rel)
     assert who == (f"p{name[len('process_'):]}" if name.startswith("process_") else "p0"), rel
   assert checked >= 4 * 16 + 4  # cam_maps, crf, rw, rw_crf + markers, logs, reports.
+
+
+# ----------------------------------------------------------------------------- SIGTERM
+
+STOP_AT = os.path.join(REPO, "tests", "stop_at")
+
+
+def _launch_stopped(workdir: str, at: str) -> str:
+  """Runs the tiny pipeline as 2 x 4 on `workdir` with SIGTERM at `at`
+  (`tests/stop_at`); both processes must stop with status 143."""
+  env = dict(_env(), AFFINITY_JAX_STOP_AT=at,
+             PYTHONPATH=os.pathsep.join([STOP_AT, _env()["PYTHONPATH"]]))
+  proc = subprocess.run(
+      [sys.executable, "-m", "affinity_jax.launch", "--num_processes=2",
+       "--devices_per_process=4", "--grace_s=30", "--", f"--config={TINY}",
+       f"--workdir={workdir}"], cwd=REPO, env=env, capture_output=True, text=True,
+      timeout=TIMEOUT_S)
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 143, out[-4000:]
+  stops = [line for line in proc.stdout.splitlines() if "stopped by SIGTERM" in line]
+  assert sorted(line[:5] for line in stops) == ["[p0] ", "[p1] "], out[-4000:]
+  assert "Traceback" not in out and "launch: stopping process" not in out, out[-4000:]
+  return out
+
+
+def test_sigterm_on_two_processes_keeps_the_work_and_the_rerun_matches(mh_run,
+                                                                      tiny_workdir,
+                                                                      tmp_path):
+  """As `mh_run` (the 1 x 8 classifier, the rest by 2 x 4), stopped by SIGTERM in
+  infer_cam (both processes) and in train_aff (process 0 only), then rerun."""
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  for name in ("config.json", "tfds", "cam"):
+    src = os.path.join(tiny_workdir, name)
+    (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, os.path.join(workdir, name))
+
+  # Each process signals itself at its third image, or stops earlier when it learns of
+  # the other's signal: what each says it stored is there, and no DONE marker.
+  out = _launch_stopped(workdir, "infer_cam:3")
+  counts = [int(c) for c in re.findall(r"stopped by SIGTERM in infer_cam, (\d) of 8", out)]
+  assert len(counts) == 2 and 3 in counts, out[-4000:]
+  stored = sorted(os.listdir(os.path.join(workdir, "cam_maps")))
+  assert len(stored) == sum(counts) and all(n.endswith(".npz") for n in stored)
+
+  # Process 0 alone gets it, during step 2; the processes' OR of their signals is read
+  # one step boundary later, so both stop after step 3 (periodic checkpoints: 2, 4).
+  out = _launch_stopped(workdir, "train:aff:1")
+  line = ("stopped by SIGTERM at step 3 of 4, after saving checkpoint "
+          f"{os.path.join(workdir, 'aff', 'ckpt', '3')}")
+  assert out.count(line) == 2, out[-4000:]
+  ckpts = sorted(int(n) for n in os.listdir(os.path.join(workdir, "aff", "ckpt"))
+                 if n.isdigit())
+  assert ckpts == [2, 3]
+  assert [s for s, _, _ in _curve(workdir, "aff")] == [1, 2, 3]
+  _launch(workdir)
+  ours = json.load(open(os.path.join(workdir, "eval", "results.json")))
+  theirs = json.load(open(os.path.join(mh_run[0], "eval", "results.json")))
+  assert ours == theirs
 
 
 # ----------------------------------------------------------------------------- failures

@@ -1,14 +1,22 @@
-"""affinity_jax.workdir: the layout existing workdirs have, and each store's round trip."""
+"""affinity_jax.workdir: the layout existing workdirs have, each store's round trip, and
+the lock that keeps a workdir to one run."""
 
+import json
 import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from flax import nnx
 
+from affinity_jax import workdir
 from affinity_jax.errors import UserError
 from affinity_jax.models import heads
 from affinity_jax.workdir import Workdir
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_layout_is_the_one_existing_workdirs_have(tmp_path):
@@ -79,3 +87,45 @@ def test_checkpoint_store_without_checkpoint(tmp_path):
     store.load(model, steps=5)
   with pytest.raises(ValueError, match="kind"):
     Workdir(str(tmp_path)).checkpoints("rw")
+
+
+# ------------------------------------------------------------------------------ the lock
+
+_HOLD = """
+import sys, time
+from affinity_jax import workdir
+held = workdir.lock(sys.argv[1])
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_one_run_per_workdir_and_a_killed_holder_blocks_nothing(tmp_path):
+  root = str(tmp_path / "run")
+  holder = subprocess.Popen([sys.executable, "-c", _HOLD, root], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    for check in (workdir.lock, workdir.refuse_if_in_use):
+      with pytest.raises(workdir.InUse) as e:
+        check(root)
+      assert str(e.value).startswith(f"workdir {root} is in use by another run (host "
+                                     f"{socket.gethostname()}, pid {holder.pid}, since ")
+      assert "\n" not in str(e.value)
+      assert e.value.holder["pid"] == holder.pid
+  finally:
+    holder.kill()   # SIGKILL: no cleanup runs.
+    holder.wait()
+  with workdir.lock(root) as held:   # The kernel dropped the dead holder's lock.
+    assert json.load(open(held.path))["pid"] == os.getpid()
+    with pytest.raises(workdir.InUse):   # Also against this process's own hold.
+      workdir.lock(root)
+  workdir.refuse_if_in_use(root)
+  with workdir.lock(root):
+    pass
+
+
+def test_looking_at_a_new_workdir_writes_nothing(tmp_path):
+  root = str(tmp_path / "new")
+  workdir.refuse_if_in_use(root)
+  assert not os.path.exists(root)

@@ -12,12 +12,14 @@ that has initialised JAX is unsafe), stay light.
 """
 
 import collections
+import itertools
 import multiprocessing
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from affinity_jax import io
+from affinity_jax import stopping
 from affinity_jax.errors import UserError
 from affinity_jax.labels import store
 from affinity_jax.progress import Progress
@@ -181,6 +183,8 @@ def run_pool(ids: Iterable[str], load: Callable[[str], tuple], out_dir: str, *,
   """
   _densecrf()  # Fail early with the install hint, not inside a worker.
   todo = [i for i in ids if not store.exists(out_dir, i)]
-  jobs = ((out_dir, i, *load(i), la_alpha, ha_alpha) for i in todo)
+  # A stop request (`affinity_jax.stopping`) ends the jobs; those in flight finish.
+  jobs = ((out_dir, i, *load(i), la_alpha, ha_alpha)
+          for i in itertools.takewhile(lambda _: not stopping.requested(), todo))
   with Progress(total=len(todo), desc="dense CRF", unit="img", disable=not progress) as bar:
     return map_jobs(_work, jobs, workers, lambda image_id: (bar.update(1), done(image_id)))

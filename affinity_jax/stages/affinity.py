@@ -2,6 +2,7 @@
 
 import functools
 
+from affinity_jax import stopping
 from affinity_jax.data import pipeline
 from affinity_jax.labels import crf
 from affinity_jax.stages import common
@@ -18,6 +19,7 @@ def make_labels(ctx: common.Context) -> None:
   # The workers write the store's files themselves (they import only `labels`).
   crf.run_pool(ctx.label_ids(), load, files.crf.directory, workers=c.crf.num_workers,
                la_alpha=c.crf.la_alpha, ha_alpha=c.crf.ha_alpha)
+  stopping.stop_if_requested("in aff_labels, the images labelled so far stored")
   files.crf.mark_finished()
 
 

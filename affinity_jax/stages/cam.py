@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from affinity_jax import stopping
 from affinity_jax.data import pipeline
 from affinity_jax.progress import Progress
 from affinity_jax.stages import common
@@ -29,6 +30,7 @@ def infer(ctx: common.Context) -> None:
   todo = [i for i in ctx.label_ids() if not store.exists(i)]
   examples = ((i, ctx.example(i)) for i in todo)
   canvas_of = lambda item: ctx.canvases.canvas(*item[1]["image"].shape[:2])
+  stored = 0
   with Progress(total=len(todo), desc="infer_cam", disable=None) as bar:
     for chunk in common.grouped_batches(examples, canvas_of, ctx.config.cam.infer_batch):
       ids, chunk_examples = zip(*chunk)
@@ -37,4 +39,6 @@ def infer(ctx: common.Context) -> None:
         keys = np.flatnonzero(example["labels"]) + 1
         store.save(image_id, cams[..., keys - 1], keys)
         bar.update(1)
+        stored += 1
+        stopping.stop_if_requested(f"in infer_cam, {stored} of {len(todo)} images stored")
   store.mark_finished()

@@ -1,12 +1,13 @@
 """Stage 4 (`infer_rw`): AffinityNet features + banded random walk -> pseudo masks.
 
-Walks `config.rw.batch_size` images of one canvas at a time (`inference.walk.Walker`) and stores the
-argmax labels; with `config.rw.dcrf` also a dense CRF of the walk's scores, in
+Walks `config.rw.batch_size` images of one canvas at a time (`inference.walk.Walker`)
+and stores the argmax labels; with `config.rw.dcrf` also a dense CRF of the walk's scores, in
 `config.crf.num_workers` processes while the next batches walk.
 """
 
 import functools
 
+from affinity_jax import stopping
 from affinity_jax.inference import walk
 from affinity_jax.labels import crf
 from affinity_jax.progress import Progress
@@ -31,6 +32,8 @@ def infer(ctx: common.Context) -> None:
                                                     walker(list(chunk_images), cams)):
         files.rw.save(image_id, walk.labels(scores, keys))
         yield files.rw_crf.path(image_id), image, scores, walk.label_ids(keys)
+        if stopping.requested():  # Stop after this image; its CRF finishes too.
+          return
 
   with Progress(total=len(todo), desc="infer_rw", disable=None) as bar:
     if c.rw.dcrf:
@@ -40,4 +43,5 @@ def infer(ctx: common.Context) -> None:
     else:
       for _ in walked():
         bar.update(1)
+  stopping.stop_if_requested("in infer_rw, the images walked so far stored")
   files.rw.mark_finished()

@@ -8,6 +8,9 @@ No rng key is saved: the training loop rebuilds its base key from the config's `
 (fixed within a workdir) and folds in the step, so a resumed run draws the same keys.
 Orbax writes each step to a temporary folder and renames it when complete, so a killed
 run leaves either the previous checkpoints or the new one, never a half-written one.
+A save that fails for want of space or permission is a one-line `UserError`
+(`io.write_error`); its temporary folder is not a checkpoint, and the next run resumes
+from the last complete one.
 """
 
 import base64
@@ -19,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from affinity_jax import io
 from affinity_jax.errors import UserError
 from affinity_jax.training.optim import path_str
 
@@ -49,11 +53,12 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     self.save_every = max(int(save_every), 1)
     options = ocp.CheckpointManagerOptions(max_to_keep=max(int(keep), 1), create=True)
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": ocp.JsonCheckpointHandler()})
+    with io.writing(self.directory):
+      self._manager = ocp.CheckpointManager(
+          self.directory,
+          options=options,
+          item_handlers={"state": ocp.StandardCheckpointHandler(),
+                         "data": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint's step, or None when there is none."""
@@ -68,11 +73,14 @@ class Checkpointer:
     """
     if isinstance(data_state, bytes):
       data_state = {_BYTES_KEY: base64.b64encode(data_state).decode("ascii")}
-    saved = self._manager.save(
-        int(step),
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                data=ocp.args.JsonSave(data_state or {})),
-        force=force)
+    # Orbax raises a failed asynchronous write at the next save or wait: the folder,
+    # not this step, is what could not be written.
+    with io.writing(self.directory):
+      saved = self._manager.save(
+          int(step),
+          args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=ocp.args.JsonSave(data_state or {})),
+          force=force)
     return bool(saved)
 
   def maybe_save(self, step: int, state: Any, data_state: dict | bytes | None = None) -> bool:
@@ -173,18 +181,22 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Blocks until asynchronous writes are on disk."""
-    self._manager.wait_until_finished()
+    with io.writing(self.directory):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.close()
+    with io.writing(self.directory):  # Closing waits for the writes too.
+      self._manager.close()
 
   def __enter__(self) -> "Checkpointer":
     return self
 
   def __exit__(self, *exc) -> None:
     """Waits for asynchronous writes, then closes."""
-    self.wait()
-    self.close()
+    try:
+      self.wait()
+    finally:
+      self.close()
 
 def restore_model(model: nnx.Module, directory: str, step: int | None = None,
                   sharding: jax.sharding.Sharding | None = None) -> None:

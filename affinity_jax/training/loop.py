@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 
 from affinity_jax import io
+from affinity_jax import stopping
 from affinity_jax import workdir as workdir_layout
 from affinity_jax.errors import UserError
 from affinity_jax.progress import Progress
@@ -203,10 +204,11 @@ class _MetricsLog:
     self._pending = None  # (step, metrics, batch size) not written yet.
     self._last_t = time.perf_counter()
     main = jax.process_index() == 0
-    path = os.path.join(workdir, workdir_layout.METRICS)
+    self._path = path = os.path.join(workdir, workdir_layout.METRICS)
     if main:
       _truncate_log(path, start)
-    self._file = open(path if main else os.devnull, "a")
+    with io.writing(path):
+      self._file = open(path if main else os.devnull, "a")
     self._progress = Progress(
         total=self.steps, initial=start, unit="step", dynamic_ncols=True,
         desc=os.path.basename(os.path.normpath(workdir)) or "train",
@@ -249,8 +251,9 @@ class _MetricsLog:
     self._last_t = now
     if not math.isfinite(values["loss"]):
       raise FloatingPointError(f"loss is {values['loss']} at step {step} in {self.workdir}")
-    self._file.write(json.dumps({"step": step, **values}) + "\n")
-    self._file.flush()
+    with io.writing(self._path):  # A cut line is skipped, and dropped on resume.
+      self._file.write(json.dumps({"step": step, **values}) + "\n")
+      self._file.flush()
     self.logged = step
     if step % self._every == 0 or step == self.steps:
       self._progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
@@ -263,6 +266,29 @@ def _truncate_log(path: str, step: int) -> None:
   if os.path.exists(path):
     rows = [r for r in io.read_jsonl(path) if r.get("step", step + 1) <= step]
     io.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+class _StopVote:
+  """When to stop on a signal (`affinity_jax.stopping`): every process at the same step.
+
+  On one process, at the first step boundary after the signal. On several, a save is
+  collective, so each step boundary dispatches an OR over processes of their signals
+  (a tiny collective, not waited for) and acts on the previous boundary's result, which
+  every process reads at the same step: one step after the signal, the device queue
+  never drained for it.
+  """
+
+  def __init__(self, mesh: jax.sharding.Mesh):
+    self._mesh = mesh
+    self._pending = None  # The OR dispatched at the previous step boundary.
+
+  def stop(self) -> int:
+    """The stop signal's number (0: go on); every process must call it at every step."""
+    if jax.process_count() == 1:
+      return stopping.requested()
+    previous = self._pending
+    self._pending = mesh_lib.max_over_processes(stopping.requested(), self._mesh)
+    return 0 if previous is None else int(np.asarray(previous.addressable_data(0)))
 
 
 def _save_on_interrupt(ckpt: Checkpointer, step: int, state: dict, batches: BatchIterator,
@@ -298,7 +324,8 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: An
   """
   mesh = mesh_lib.make_mesh() if mesh is None else mesh
   steps = int(config.steps)
-  os.makedirs(workdir, exist_ok=True)
+  with io.writing(workdir):
+    os.makedirs(workdir, exist_ok=True)
   graphdef, params, rng_state, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
   params, rest = _pure(params), _pure(rest)
   tx = optim.make_optimizer(params, config, frozen_prefixes)
@@ -309,6 +336,7 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: An
   with _checkpointer(workdir, config) as ckpt:
     state, step = _restore_or_init(ckpt, tx, params, rest, batches, mesh)
     saved = step
+    vote = _StopVote(mesh)
     with _MetricsLog(workdir, step, config) as log:
       in_step = False  # True from taking a batch until the step's new state exists.
       try:
@@ -318,10 +346,16 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: An
           state, metrics = train_step(state, batch, rng)
           step, in_step = step + 1, False
           log.add(step, metrics, _batch_size(batch))
-          if step % ckpt.save_every == 0 or step == steps:
+          stop = vote.stop()
+          if step % ckpt.save_every == 0 or step == steps or stop:
             log.flush()
             ckpt.save(step, state, _data_state(batches))
             saved = step
+          if stop and step < steps:
+            ckpt.wait()
+            raise stopping.stopped(
+                f"at step {step} of {steps}, after saving checkpoint "
+                f"{os.path.join(ckpt.directory, str(step))}", stop)
         log.flush()
       except KeyboardInterrupt:
         if not in_step and step > saved:

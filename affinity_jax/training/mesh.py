@@ -6,10 +6,12 @@ On a TPU pod slice or several GPU hosts, `maybe_initialize_distributed` must run
 before anything else touches JAX so that `jax.devices()` lists every host's devices.
 """
 
+import functools
 import json
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -107,6 +109,59 @@ def all_processes(flag: bool) -> bool:
     return bool(flag)
   from jax.experimental import multihost_utils
   return bool(np.all(multihost_utils.process_allgather(np.asarray(bool(flag)))))
+
+
+@functools.lru_cache(maxsize=8)
+def _max_of(mesh: Mesh):
+  return jax.jit(jnp.max, out_shardings=replicated(mesh))
+
+
+def max_over_processes(value: int, mesh: Mesh) -> jax.Array:
+  """The largest of every process's `value`, dispatched without waiting (each must call it).
+
+  Returns:
+    A replicated int32 scalar; `np.asarray(x.addressable_data(0))` waits and reads it.
+  """
+  local = np.full((mesh.local_mesh.devices.size,), value, np.int32)
+  return _max_of(mesh)(jax.make_array_from_process_local_data(data_sharding(mesh), local))
+
+
+_STOP_KEY = "affinity_jax/stop"
+_published = False  # Whether this process published its stop.
+
+
+def publish_stop(signum: int) -> None:
+  """Tells every process of the run that this one got stop signal `signum` (once)."""
+  global _published
+  if not _published:
+    _published = True
+    from jax._src import distributed
+    try:
+      distributed.global_state.client.key_value_set(_STOP_KEY, str(int(signum)))
+    except Exception:  # noqa: BLE001 -- another process published first.
+      pass
+
+
+def published_stop() -> int:
+  """The stop signal some process of the run published (`publish_stop`), or 0."""
+  from jax._src import distributed
+  try:
+    return int(distributed.global_state.client.key_value_try_get(_STOP_KEY))
+  except Exception:  # noqa: BLE001 -- not found: nobody did.
+    return 0
+
+
+def wait_for_all(name: str, timeout_s: float) -> bool:
+  """Waits up to `timeout_s` until every process reaches barrier `name` (outside any
+  device collective, through the coordination service); whether all did."""
+  if jax.process_count() == 1:
+    return True
+  from jax._src import distributed
+  try:
+    distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
+    return True
+  except Exception:  # noqa: BLE001 -- a timeout or a process already gone.
+    return False
 
 
 def gather_json(value: Any) -> list:
