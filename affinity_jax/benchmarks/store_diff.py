@@ -49,7 +49,7 @@ def compare(a: str, b: str, edge: int = 32) -> dict:
     if both:
       same = [np.mean(sa.load(i) == sb.load(i)) for i in both]
       out[f"{folder}_pixels_equal"] = float(np.mean(same))
-      out[f"{folder}_images_equal"] = sum(s == 1.0 for s in same)
+      out[f"{folder}_images_equal"] = int(sum(s == 1.0 for s in same))
   return out
 
 
