@@ -119,7 +119,8 @@ def test_inference_stages_on_8_devices_store_what_1_device_stores(voc_tiny_workd
   # voc_tiny_workdir ran on all 8 local devices; rerun both inference stages on 8 and on
   # one, each in a copy of it.
   assert jax.local_device_count() == 8   # conftest.py
-  config = config_lib.load_config(voc_tiny.CONFIG, voc_tiny.OVERRIDES)
+  config = config_lib.load_config(voc_tiny.CONFIG, dict(
+      voc_tiny.OVERRIDES, **{"data.infer_canvases": "((384, 512), (512, 512))"}))
   runs = {}
   for devices in (8, 1):
     workdir = str(tmp_path / f"devices_{devices}")
