@@ -202,3 +202,20 @@ def test_cam_baselines_report_the_configured_and_the_best_threshold(capsys):
   assert metrics.mean_iou(out["CAM (best t=0.45)"]) == 1.0
   assert "0.45: 100.0" in capsys.readouterr().out
   assert list(confusion.cam_baselines(pairs, 0.15)) == ["CAM"]
+
+
+def test_cam_labels_equal_the_jax_op_and_compile_nothing():
+  from affinity_jax import compilation
+  from affinity_jax.ops import cam as cam_ops
+  rng = np.random.default_rng(0)
+  cams = rng.uniform(size=(2, 9, 13, 20)).astype(np.float32) ** 4
+  cams[0, 0, 0, :] = 0.3                 # Ties with the background: background wins.
+  cams[1, 0, 0, :] = 0.1
+  cams[1, 0, 0, [4, 7]] = 0.9            # Ties between classes: the first one.
+  for t in (0.1, 0.3, 0.6):
+    want = np.asarray(cam_ops.cam_label_map(cams, t))
+    with compilation.Compiles() as compiles:
+      got = [confusion.cam_labels(c, t) for c in cams]
+    np.testing.assert_array_equal(np.stack(got), want)
+    assert compiles.count == 0
+  assert want[1, 0, 0] == 5 and (want == 0).any() and (want > 0).any()

@@ -6,7 +6,6 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from affinity_jax import io
-from affinity_jax.ops import cam as cam_ops
 from affinity_jax.ops import metrics
 from affinity_jax.progress import Progress
 
@@ -65,8 +64,15 @@ def cam_thresholds(pairs: Iterable[tuple[np.ndarray, np.ndarray]],
   cms = {t: 0 for t in thresholds}
   for cams, gt in pairs:
     for t in cms:
-      cms[t] = cms[t] + metrics.confusion_np(np.asarray(cam_ops.cam_label_map(cams, t)), gt)
+      cms[t] = cms[t] + metrics.confusion_np(cam_labels(cams, t), gt)
   return cms
+
+
+def cam_labels(cams: np.ndarray, threshold: float) -> np.ndarray:
+  """`ops.cam.cam_label_map` in NumPy, so images of many sizes compile nothing: uint8
+  [H, W], the argmax over [threshold, cams [H, W, 20]] (the background wins ties)."""
+  cams = np.asarray(cams)
+  return np.where(cams.max(-1) > threshold, cams.argmax(-1) + 1, 0).astype(np.uint8)
 
 
 def cam_baselines(pairs: Iterable[tuple[np.ndarray, np.ndarray]], threshold: float,
