@@ -7,7 +7,7 @@ the body to recover, as on real images.
 
   python -m affinity_jax.main --config=configs/scenes.py --workdir=/tmp/scenes
 
-Expected (2 CPU cores, 5 to 8 minutes; 6 min 51 s on a 2-core Intel Xeon, Ice Lake):
+Expected (2 CPU cores, 4 to 9 minutes; 8 min 22 s on a 2-core AMD EPYC, Zen 3):
 CAM+RW at least 10 mIoU points above CAM in /tmp/scenes/eval/results.md.
 `configs/scenes.py:tiny` is the seconds-long variant the tests run (numbers
 meaningless).
