@@ -21,9 +21,9 @@ el setup
 if [ -z "${SKIP_SETUP:-}" ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   lscpu | grep -E "^Model name|^CPU\(s\)|^Flags" | cut -c1-200
-  # (Machine-specific: install the lock's packages and pydensecrf2 into /tmp/site from
+  # (Machine-specific: install the lock's packages and pydensecrf2 into ${SITE:-./site} from
   # local wheel files, in the background for pydensecrf2, whose pid is PDC.)
-  export PYTHONPATH=/tmp/site:$PWD
+  export PYTHONPATH=${SITE:-./site}:$PWD
   smoke='import jax, jax.numpy as jnp, flax, optax, numpy, grain, tensorflow_datasets, orbax.checkpoint
 from flax import nnx
 from affinity_jax.models import CAMNet
@@ -32,7 +32,7 @@ print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version
       numpy.__version__, jax.devices(), y.shape)'
   if ! python3 -c "$smoke"; then
     el "carried flax/optax/orbax failed; trying the image's own"
-    rm -rf /tmp/site/flax* /tmp/site/optax* /tmp/site/orbax*
+    rm -rf ${SITE:-./site}/flax* ${SITE:-./site}/optax* ${SITE:-./site}/orbax*
     python3 -c "$smoke" || exit 1
   fi
   if [ -n "${PDC:-}" ]; then wait "$PDC"; cat "$OUT/pdc.txt"; fi
