@@ -139,10 +139,7 @@ def multiscale_inputs(image: np.ndarray, normalization: str,
       scaled[p.size] = transforms.normalize(transforms.resize(image, p.size, "bicubic"),
                                             normalization)
     x = scaled[p.size][:, ::-1] if p.flip else scaled[p.size]
-    ph, pw = canvases.at_scale(h, w, p.scale)
-    padded = np.zeros((1, ph, pw, x.shape[2]), np.float32)
-    padded[0, :x.shape[0], :x.shape[1]] = x
-    passes.append((padded, p))
+    passes.append((canvas_lib.pad_onto(x, canvases.at_scale(h, w, p.scale)), p))
   return passes
 
 

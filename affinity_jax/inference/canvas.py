@@ -16,6 +16,8 @@ zero-valued input where tight padding had fewer rows): docs/inference.md measure
 import dataclasses
 import math
 
+import numpy as np
+
 from affinity_jax.errors import UserError
 from affinity_jax.inference import STRIDE
 
@@ -77,6 +79,13 @@ class Canvases:
       h, w, multiple = height, width, self.multiple
     return (_round_up(max(1, round(h * scale)), multiple),
             _round_up(max(1, round(w * scale)), multiple))
+
+
+def pad_onto(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """float32 [1, *size, C]: x [h, w, C] at the top left, zeros elsewhere."""
+  out = np.zeros((1,) + tuple(size) + x.shape[2:], np.float32)
+  out[0, :x.shape[0], :x.shape[1]] = x
+  return out
 
 
 def _round_up(n: int, multiple: int) -> int:

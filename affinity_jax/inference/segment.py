@@ -25,7 +25,6 @@ def predictor(model: nnx.Module, canvases: canvas_lib.Canvases = canvas_lib.Canv
 
   def predict(image: np.ndarray) -> np.ndarray:
     h, w = image.shape[:2]
-    x = np.zeros((1,) + canvases.at_scale(h, w) + (3,), np.float32)
-    x[0, :h, :w] = transforms.normalize(image, norm)
+    x = canvas_lib.pad_onto(transforms.normalize(image, norm), canvases.at_scale(h, w))
     return np.asarray(forward(state, jax.device_put(x)))[0, :h, :w]
   return predict
