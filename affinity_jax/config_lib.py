@@ -1,4 +1,5 @@
-"""Configs: loading `configs/NAME.py[:arg]`, command-line overrides, the workdir guard.
+"""Configs: loading `configs/NAME.py[:arg]`, command-line overrides, what a workdir
+keeps of its config.
 
 A config file is a Python module with `get_config(arg)` returning an
 `ml_collections.ConfigDict`; its variants (`:arg`) go through `apply_variant`. Any
@@ -12,33 +13,28 @@ Overrides may only set keys the config already has, with a value of the key's ty
 (ints are accepted for floats); anything else is a one-line `UserError`. The result is
 locked, so code cannot add keys by mistake either.
 
-A workdir belongs to one experiment: the first run writes `<workdir>/config.json`;
-later runs must agree with it on every key except the few that change neither what
-has been computed nor how an interrupted stage resumes (`FREE_LEAVES`, `FREE_KEYS`,
-`FREE_GROUPS`).
+A workdir belongs to one experiment (`affinity_jax.workdir.claim`): the first run keeps
+its config there (`to_record`); later runs must agree with it on every key except the
+few that change neither what has been computed nor how an interrupted stage resumes
+(`FREE_LEAVES`, `FREE_KEYS`, `FREE_GROUPS`; `first_difference`).
 """
 
 import ast
-import dataclasses
 import difflib
 import importlib.util
 import inspect
 import json
 import os
-import sys
 import traceback
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 import ml_collections
 
-from affinity_jax import io
-from affinity_jax import stopping
 from affinity_jax.errors import UserError
 
 # What may change between runs in one workdir: keys that change neither what has been
 # computed nor how an interrupted stage resumes. By last name: run length (to extend
 # training), logging, checkpoint frequency and retention.
-CONFIG_FILE = "config.json"  # In every workdir: the config that wrote it.
 FREE_LEAVES = frozenset({"steps", "log_every", "ckpt_every", "keep", "progress"})
 # By full name: worker processes. Each image's CRF labels do not depend on the CRF's;
 # a training stage resumes its input stream with the grain worker count saved in its
@@ -235,21 +231,6 @@ def _free(key: str) -> bool:
           or key.split(".", 1)[0] in FREE_GROUPS)
 
 
-def _read_record(path: str) -> dict:
-  """`{"config_name", "config"}` from a workdir's config file."""
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f"{path}: not a config written by affinity_jax ({e}); use another "
-                    "--workdir") from None
-  if not (isinstance(saved, dict) and isinstance(saved.get("config"), dict)
-          and isinstance(saved.get("config_name"), str)):
-    raise UserError(f"{path}: not a config written by affinity_jax (no config_name and "
-                    "config); use another --workdir")
-  return saved
-
-
 def _with_added_keys(saved: dict) -> dict:
   """A saved config with the keys of `ADDED_KEYS` it predates, at their old behaviour."""
   out = json.loads(json.dumps(saved))
@@ -263,13 +244,26 @@ def _with_added_keys(saved: dict) -> dict:
   return out
 
 
-def workdir_config(workdir: str) -> tuple[str, ml_collections.ConfigDict]:
-  """The config that wrote `workdir`: (its name, the locked config, tuples restored,
-  `ADDED_KEYS` it predates filled in)."""
-  saved = _read_record(os.path.join(workdir, CONFIG_FILE))
-  config = ml_collections.ConfigDict(_tuples(_with_added_keys(saved["config"])))
+def to_record(config: ml_collections.ConfigDict, config_name: str) -> dict:
+  """What a workdir keeps of the config that wrote it: `{"config_name", "config"}`."""
+  return {"config_name": config_name, "config": _jsonable(config)}
+
+
+def check_record(record: Any, where: str) -> dict:
+  """`record` if it is one `to_record` made; else a `UserError` naming `where`."""
+  if not (isinstance(record, dict) and isinstance(record.get("config"), dict)
+          and isinstance(record.get("config_name"), str)):
+    raise UserError(f"{where}: not a config written by affinity_jax (no config_name and "
+                    "config); use another --workdir")
+  return record
+
+
+def from_record(record: dict) -> tuple[str, ml_collections.ConfigDict]:
+  """(config name, the locked config, tuples restored, `ADDED_KEYS` it predates filled
+  in) of a `to_record`."""
+  config = ml_collections.ConfigDict(_tuples(_with_added_keys(record["config"])))
   config.lock()
-  return saved["config_name"], config
+  return record["config_name"], config
 
 
 def _tuples(value):
@@ -281,111 +275,19 @@ def _tuples(value):
   return value
 
 
-def check_workdir(config: ml_collections.ConfigDict, workdir: str, config_name: str,
-                  write: bool = True) -> None:
-  """Claims `workdir` for this config or checks that it already belongs to it.
-
-  Writes `<workdir>/config.json` (`{"config_name", "config"}`) on the first run and
-  again when only free keys changed (so it always shows the latest run's values);
-  with `write=False` only checks (the hosts of a multi-host run but the first).
+def first_difference(saved: dict, current: dict) -> tuple[str, Any, Any] | None:
+  """The first key, not free to change, whose value differs between two `to_record`s
+  ((key, saved value, current value); `"<missing>"` for a key one lacks), or None.
 
   A key of `ADDED_KEYS` the saved config lacks counts as its value there.
-
-  Raises:
-    UserError: the workdir was written by a config that differs in another key.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
-  current = _jsonable(config)
-  record = {"config_name": config_name, "config": current}
-  if os.path.exists(path):
-    saved = _read_record(path)
-    saved_name, saved_config = saved["config_name"], _with_added_keys(saved["config"])
-    old, new = flatten(saved_config), flatten(current)
-    differing = sorted(k for k in set(old) | set(new)
-                       if old.get(k, "<missing>") != new.get(k, "<missing>") and not _free(k))
-    if differing:
-      key = differing[0]
-      raise UserError(
-          f"workdir {workdir} was written by config {saved_name} ({key}: "
-          f"{old.get(key, '<missing>')!r} there, {new.get(key, '<missing>')!r} now); "
-          "use another --workdir")
-    if saved == record:
-      return
-  if write:
-    io.write_json(path, record)
+  old = flatten(_with_added_keys(saved["config"]))
+  new = flatten(current["config"])
+  differing = sorted(k for k in set(old) | set(new)
+                     if old.get(k, "<missing>") != new.get(k, "<missing>") and not _free(k))
+  if not differing:
+    return None
+  key = differing[0]
+  return key, old.get(key, "<missing>"), new.get(key, "<missing>")
 
 
-@dataclasses.dataclass
-class CommandLine:
-  """The parsed `affinity_jax.main` command line."""
-  config: ml_collections.ConfigDict
-  config_name: str
-  workdir: str
-  mode: str
-
-
-def parse_command_line(argv: Sequence[str], modes: Sequence[str] = (),
-                       default_mode: str = "all") -> CommandLine:
-  """Parses `--config=... --workdir=... [--mode=...] [--config.KEY=VALUE ...]`.
-
-  Both `--flag=value` and `--flag value` work. `modes`, when given, lists valid modes.
-  """
-  values: dict[str, str] = {}
-  overrides: list[tuple[str, str]] = []
-  args = list(argv)
-  i = 0
-  while i < len(args):
-    arg = args[i]
-    if not arg.startswith("--"):
-      raise UserError(f"unexpected argument {arg!r}; flags are --config, --workdir, --mode")
-    name, eq, value = arg[2:].partition("=")
-    if not eq:
-      if i + 1 >= len(args):
-        raise UserError(f"flag --{name} needs a value")
-      i += 1
-      value = args[i]
-    if name.startswith("config."):
-      overrides.append((name[len("config."):], value))
-    elif name in ("config", "workdir", "mode"):
-      values[name] = value
-    else:
-      raise UserError(f"unknown flag --{name}; flags are --config, --workdir, --mode, "
-                      "--config.KEY")
-    i += 1
-  for name in ("config", "workdir"):
-    if not values.get(name):
-      raise UserError(f"missing --{name}=...")
-  mode = values.get("mode", default_mode)
-  check_mode(mode, modes)
-  config = load_config(values["config"], overrides)
-  return CommandLine(config, values["config"], values["workdir"], mode)
-
-
-def check_mode(mode: str, modes: Sequence[str]) -> None:
-  """Raises a `UserError` listing `modes` when `mode` is not one (no check if empty)."""
-  if modes and mode not in modes:
-    raise UserError(f"unknown --mode={mode}; choose one of {', '.join(modes)}")
-
-
-def report_stop(error: BaseException) -> int | None:
-  """For a `UserError`, a stop on a signal or an interrupt: prints its one line on
-  stderr and returns the exit status (2; 128 + the signal, `stopping.Stopped`; 130);
-  None for any other exception."""
-  if isinstance(error, UserError):
-    print(f"error: {error}", file=sys.stderr)
-    return 2
-  if isinstance(error, stopping.Stopped):
-    print(error, file=sys.stderr)
-    return error.code
-  if isinstance(error, KeyboardInterrupt):
-    print("interrupted; run the same command again to resume", file=sys.stderr)
-    return 130
-  return None
-
-
-def run_main(main: Callable[[Sequence[str]], Any], argv: Sequence[str] | None = None) -> None:
-  """Runs `main(argv)`; a `UserError` becomes `error: <message>` on stderr and exit 2."""
-  try:
-    main(sys.argv[1:] if argv is None else list(argv))
-  except (UserError, stopping.Stopped, KeyboardInterrupt) as e:
-    sys.exit(report_stop(e))

@@ -12,7 +12,6 @@ stored image shows exactly what the stage stored.
 
 import dataclasses
 import functools
-import os
 from typing import Mapping, Sequence
 
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ import numpy as np
 
 from affinity_jax import config_lib
 from affinity_jax import constants
+from affinity_jax import io
 from affinity_jax import workdir as workdir_layout
 from affinity_jax.data import transforms
 from affinity_jax.errors import UserError
@@ -70,7 +70,7 @@ def open_workdir(workdir: str, run: bool = True) -> common.Context:
       only opens the workdir and writes nothing (for reading a run still in progress).
       A workdir another run holds (`workdir.lock`) is only opened, with a note saying so.
   """
-  name, config = config_lib.workdir_config(workdir)
+  name, config = workdir_layout.saved_config(workdir)
   if run:
     try:
       return pipeline.run(config, name, workdir)
@@ -303,7 +303,7 @@ save_figure = plots.save_figure   # (fig from `show`, path, dpi=100): a PNG, ato
 def training_curves(ctx: common.Context) -> str:
   """The path of the run's training-curves picture, drawn first if the eval stage has not."""
   path = ctx.files.reports.path(report.CURVES_PNG)
-  if not os.path.exists(path):
+  if not io.exists(path):
     plots.training_curves(path, ctx.files.training_logs())
   return path
 

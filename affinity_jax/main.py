@@ -7,18 +7,22 @@
 order and skips those whose outputs are complete. Rerunning a killed command resumes.
 """
 
+import dataclasses
 import os
 import sys
 import traceback
-from typing import Sequence
+from typing import Any, Callable, Sequence
+
+import ml_collections
 
 from affinity_jax import config_lib
 from affinity_jax import stopping
 from affinity_jax import workdir as workdir_layout
+from affinity_jax.errors import UserError
 
 
 def main(argv: Sequence[str]) -> None:
-  cl = config_lib.parse_command_line(argv)
+  cl = parse_command_line(argv)
   single = not cl.config.distributed.coordinator_address
   if single and cl.mode != "eval":  # Refused in a second, before jax is imported.
     workdir_layout.refuse_if_in_use(cl.workdir)
@@ -26,7 +30,7 @@ def main(argv: Sequence[str]) -> None:
   logging.set_verbosity(logging.ERROR)
   from affinity_jax.stages import pipeline  # Heavy imports after argument errors.
 
-  config_lib.check_mode(cl.mode, pipeline.MODES)
+  check_mode(cl.mode, pipeline.MODES)
   if single:
     pipeline.run(cl.config, cl.config_name, cl.workdir, cl.mode)
     return
@@ -34,6 +38,82 @@ def main(argv: Sequence[str]) -> None:
     pipeline.run(cl.config, cl.config_name, cl.workdir, cl.mode)
   except BaseException as e:  # noqa: BLE001 -- every failure ends the process at once.
     exit_at_once(e)
+
+
+@dataclasses.dataclass
+class CommandLine:
+  """The parsed `affinity_jax.main` command line."""
+  config: ml_collections.ConfigDict
+  config_name: str
+  workdir: str
+  mode: str
+
+
+def parse_command_line(argv: Sequence[str], modes: Sequence[str] = (),
+                       default_mode: str = "all") -> CommandLine:
+  """Parses `--config=... --workdir=... [--mode=...] [--config.KEY=VALUE ...]`.
+
+  Both `--flag=value` and `--flag value` work. `modes`, when given, lists valid modes.
+  """
+  values: dict[str, str] = {}
+  overrides: list[tuple[str, str]] = []
+  args = list(argv)
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    if not arg.startswith("--"):
+      raise UserError(f"unexpected argument {arg!r}; flags are --config, --workdir, --mode")
+    name, eq, value = arg[2:].partition("=")
+    if not eq:
+      if i + 1 >= len(args):
+        raise UserError(f"flag --{name} needs a value")
+      i += 1
+      value = args[i]
+    if name.startswith("config."):
+      overrides.append((name[len("config."):], value))
+    elif name in ("config", "workdir", "mode"):
+      values[name] = value
+    else:
+      raise UserError(f"unknown flag --{name}; flags are --config, --workdir, --mode, "
+                      "--config.KEY")
+    i += 1
+  for name in ("config", "workdir"):
+    if not values.get(name):
+      raise UserError(f"missing --{name}=...")
+  mode = values.get("mode", default_mode)
+  check_mode(mode, modes)
+  config = config_lib.load_config(values["config"], overrides)
+  return CommandLine(config, values["config"], values["workdir"], mode)
+
+
+def check_mode(mode: str, modes: Sequence[str]) -> None:
+  """Raises a `UserError` listing `modes` when `mode` is not one (no check if empty)."""
+  if modes and mode not in modes:
+    raise UserError(f"unknown --mode={mode}; choose one of {', '.join(modes)}")
+
+
+def report_stop(error: BaseException) -> int | None:
+  """For a `UserError`, a stop on a signal or an interrupt: prints its one line on
+  stderr and returns the exit status (2; 128 + the signal, `stopping.Stopped`; 130);
+  None for any other exception."""
+  if isinstance(error, UserError):
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  if isinstance(error, stopping.Stopped):
+    print(error, file=sys.stderr)
+    return error.code
+  if isinstance(error, KeyboardInterrupt):
+    print("interrupted; run the same command again to resume", file=sys.stderr)
+    return 130
+  return None
+
+
+def run_main(main: Callable[[Sequence[str]], Any], argv: Sequence[str] | None = None) -> None:
+  """Runs `main(argv)`; a `UserError` becomes `error: <message>` on stderr and exit 2."""
+  try:
+    main(sys.argv[1:] if argv is None else list(argv))
+  except (UserError, stopping.Stopped, KeyboardInterrupt) as e:
+    sys.exit(report_stop(e))
 
 
 STOP_WAIT_S = 60  # How long a stopped host waits for the others to stop too.
@@ -47,7 +127,7 @@ def exit_at_once(error: BaseException) -> None:
   the collectives' connections: the others fail within seconds (a collective's
   error) or at most `distributed.heartbeat_timeout_s`.
   """
-  code = config_lib.report_stop(error)   # A UserError or an interrupt: its one line.
+  code = report_stop(error)   # A UserError or an interrupt: its one line.
   if isinstance(error, stopping.Stopped):
     # Every host stops: the first to exit would end the others' coordination service
     # (process 0 runs it) while they still save their step or image.
@@ -84,4 +164,4 @@ def _hint(error: BaseException) -> str:
 if __name__ == "__main__":
   from affinity_jax import runtime
   runtime.restart_with_huge_pages()
-  config_lib.run_main(main)
+  run_main(main)

@@ -2,8 +2,9 @@
 
   workdir/
     lock                        who runs in it (`lock`): host, pid, since when
-    config.json                 the resolved config (written by `config_lib`)
-    tfds/                       prepared datasets (unless data.data_dir is set)
+    config.json                 the resolved config (`claim`)
+    tfds/                       prepared datasets (unless data.data_dir is set; for a
+                                workdir in a bucket, a local cache: `Workdir.datasets`)
     cam/ aff/ seg/              `checkpoints(kind)`: ckpt/ and metrics.jsonl of `loop.train`
     cam_maps/<id>.npz           `cams`: merged multi-scale CAMs of the present classes
     crf/<id>.npz                `crf`: low/high-alpha CRF marginals (`labels.store` format)
@@ -17,6 +18,9 @@ writes its own share of the images and then its own marker.
 One run writes a workdir at a time: it holds `lock` (see `lock`) from before its first
 write to its end; on several hosts, process 0 holds it for all.
 
+The root may be a local folder or a bucket URL (`gs://bucket/run`): every file goes
+through `affinity_jax.io`, the one path layer.
+
 Imports only NumPy at the top (orbax when a checkpoint is read), so the input
 pipeline's worker processes, which unpickle the stores' `load`, stay light.
 """
@@ -24,9 +28,11 @@ pipeline's worker processes, which unpickle the stores' `load`, stay light.
 import datetime
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import socket
+import threading
 import time
 
 import numpy as np
@@ -36,10 +42,15 @@ from affinity_jax import io
 from affinity_jax.errors import UserError
 from affinity_jax.labels import store as crf_format
 
-CONFIG = config_lib.CONFIG_FILE
+CONFIG = "config.json"
 LOCK = "lock"
 _TRIES = 5  # `lock` tries this often, 50 ms apart, before it refuses.
+# A lock in a bucket is a lease: its holder renews it every LEASE_S / 4 seconds, and
+# one not renewed for LEASE_S seconds (its holder was killed) may be taken over.
+LEASE_ENV = "AFFINITY_JAX_LOCK_LEASE_S"
+LEASE_S = 60.0
 DATASETS = "tfds"
+DATASETS_CACHE_ENV = "AFFINITY_JAX_DATASETS_CACHE"
 CHECKPOINT = "ckpt"         # In a training folder: what `training.loop` writes there,
 METRICS = "metrics.jsonl"  # the checkpoints and the metrics log.
 KINDS = ("cam", "aff", "seg")
@@ -58,11 +69,11 @@ class PerImage:
     return os.path.join(self.directory, image_id + self.suffix)
 
   def exists(self, image_id: str) -> bool:
-    return os.path.exists(self.path(image_id))
+    return io.exists(self.path(image_id))
 
   def finished(self) -> bool:
     """Whether this process wrote all its files (see `mark_finished`)."""
-    return os.path.exists(self._marker)
+    return io.exists(self._marker)
 
   def mark_finished(self) -> None:
     """Records that every file of this process is written (a killed run has none)."""
@@ -82,7 +93,7 @@ class CamStore(PerImage):
     """-> (cams float32 [H, W, k], keys int32 [k])."""
     path = self.path(image_id)
     try:
-      with np.load(path) as f:
+      with io.open_file(path) as raw, np.load(raw) as f:
         return f["cams"].astype(np.float32), f["keys"]
     except (OSError, KeyError, ValueError) as e:
       raise UserError(f"{path}: cannot read stored CAMs ({e}); delete it and rerun "
@@ -130,7 +141,7 @@ class CheckpointStore:
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint's step (None when there is none)."""
-    if not os.path.isdir(self.checkpoints):
+    if not io.isdir(self.checkpoints):
       return None
     from affinity_jax.training import checkpoint
     ckpt = checkpoint.Checkpointer(self.checkpoints)
@@ -184,17 +195,16 @@ class ReportStore:
     return os.path.join(self.directory, name)
 
   def exists(self) -> bool:
-    return os.path.exists(self.path(self.RESULTS))
+    return io.exists(self.path(self.RESULTS))
 
   finished = exists
 
   def markdown(self) -> str:
     """The results table as Markdown."""
     path = self.path(self.TABLE)
-    if not os.path.exists(path):
+    if not io.exists(path):
       raise UserError(f"{path} does not exist; run the eval stage first")
-    with open(path) as f:
-      return f.read()
+    return io.read_text(path)
 
 
 class Workdir:
@@ -208,7 +218,10 @@ class Workdir:
   def __init__(self, root: str, process_index: int = 0):
     self.root = root
     self.config = os.path.join(root, CONFIG)
-    self.datasets = os.path.join(root, DATASETS)
+    # Whether every host prepares its own copy of the datasets (see `_datasets_cache`).
+    self.datasets_per_host = io.is_remote(root)
+    self.datasets = (_datasets_cache(root, process_index) if self.datasets_per_host
+                     else os.path.join(root, DATASETS))
     self.cams = CamStore(root, process_index)
     self.crf = CrfStore(root, process_index)
     self.rw = LabelStore(root, "rw", process_index)
@@ -226,6 +239,60 @@ class Workdir:
   def pseudo_labels(self, dcrf: bool) -> LabelStore:
     """The labels the segmentation net trains on: `rw_crf` with `rw.dcrf`, else `rw`."""
     return self.rw_crf if dcrf else self.rw
+
+
+def _datasets_cache(root: str, process_index: int) -> str:
+  """Where a workdir in a bucket keeps its prepared datasets: a local folder per host.
+
+  ArrayRecord files are read from local disks only; a prepared dataset is a cache of
+  `data.manual_dir` (or of the generated scenes), which every host can rebuild.
+  `$AFFINITY_JAX_DATASETS_CACHE` (default `~/.cache/affinity_jax/datasets`) holds one
+  folder per workdir and process.
+  """
+  base = os.environ.get(DATASETS_CACHE_ENV) or os.path.join(
+      os.path.expanduser("~"), ".cache", "affinity_jax", "datasets")
+  name = hashlib.sha256(root.rstrip("/").encode()).hexdigest()[:16]
+  return os.path.join(base, f"{name}-{process_index}")
+
+
+def claim(config, root: str, config_name: str, write: bool = True) -> None:
+  """Claims workdir `root` for `config` or checks that it already belongs to it.
+
+  Writes `<root>/config.json` (`config_lib.to_record`) on the first run and again when
+  only keys free to change changed (so it always shows the latest run's values); with
+  `write=False` only checks (the hosts of a multi-host run but the first).
+
+  Raises:
+    UserError: the workdir was written by a config that differs in another key.
+  """
+  path = os.path.join(root, CONFIG)
+  record = config_lib.to_record(config, config_name)
+  if io.exists(path):
+    saved = _read_record(path)
+    difference = config_lib.first_difference(saved, record)
+    if difference:
+      key, old, new = difference
+      raise UserError(f"workdir {root} was written by config {saved['config_name']} "
+                      f"({key}: {old!r} there, {new!r} now); use another --workdir")
+    if saved == record:
+      return
+  if write:
+    io.write_json(path, record)
+
+
+def saved_config(root: str):
+  """The config that wrote workdir `root`: (its name, the locked config)
+  (`config_lib.from_record`)."""
+  return config_lib.from_record(_read_record(os.path.join(root, CONFIG)))
+
+
+def _read_record(path: str) -> dict:
+  try:
+    record = json.loads(io.read_text(path))
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path}: not a config written by affinity_jax ({e}); use another "
+                    "--workdir") from None
+  return config_lib.check_record(record, path)
 
 
 class InUse(UserError):
@@ -268,11 +335,15 @@ def lock(root: str) -> Lock:
   deleted (a run that opened it before the deletion would lock a file others no
   longer see); it holds the last holder's host, pid and start time, for `InUse`.
 
+  In a bucket (`gs://`), which has no file locks, a lease (`Lease`).
+
   Raises:
     InUse: another run holds it (one line naming the holder).
     UserError: the workdir cannot be written (`io.write_error`), or its filesystem has
       no file locks.
   """
+  if io.is_remote(root):
+    return Lease.take(root)
   path = os.path.join(root, LOCK)
   try:
     os.makedirs(root, exist_ok=True)
@@ -298,9 +369,7 @@ def lock(root: str) -> Lock:
       raise UserError(f"{path}: the filesystem of workdir {root} has no file locks "
                       f"({e.strerror}); use a local disk or NFS") from None
     raise
-  record = {"host": socket.gethostname(), "pid": os.getpid(),
-            "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-  data = (json.dumps(record) + "\n").encode()
+  data = _holder_record()
   try:
     os.ftruncate(fd, 0)
     os.pwrite(fd, data, 0)
@@ -316,6 +385,9 @@ def refuse_if_in_use(root: str) -> None:
   A quick look before the heavy imports, so that a second run is refused at once; the
   run takes the lock itself later (`lock`).
   """
+  if io.is_remote(root):
+    Lease.refuse_if_held(root)
+    return
   path = os.path.join(root, LOCK)
   try:
     fd = os.open(path, os.O_RDONLY)
@@ -337,3 +409,135 @@ def _read_holder(fd: int) -> dict:
   except (OSError, ValueError):  # Being written this very moment.
     return {}
   return record if isinstance(record, dict) else {}
+
+
+def _holder_record() -> bytes:
+  record = {"host": socket.gethostname(), "pid": os.getpid(),
+            "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+  return (json.dumps(record) + "\n").encode()
+
+
+def _lease_s() -> float:
+  try:
+    return float(os.environ.get(LEASE_ENV) or LEASE_S)
+  except ValueError:
+    raise UserError(f"${LEASE_ENV}={os.environ[LEASE_ENV]!r} is not a number of "
+                    "seconds") from None
+
+
+class Lease:
+  """The lock of a workdir in a bucket: the object `<root>/lock`, held while renewed.
+
+  Taking it creates the object only if none exists (a generation precondition, so of
+  two runs starting together one wins); a thread renews it every lease / 4 seconds,
+  again only if it is still this run's version. An object not renewed for the lease
+  (`$AFFINITY_JAX_LOCK_LEASE_S`, default 60 s: its holder was killed) is stale and
+  taken over, again under a precondition. Its age is the bucket's clock against this
+  host's, so hosts need clocks within a few seconds of true time (NTP, as cloud VMs
+  have). `release` deletes it.
+  """
+
+  def __init__(self, blob, generation: int, lease_s: float):
+    self.path = f"gs://{blob.bucket.name}/{blob.name}"
+    self._blob, self._generation, self._lease_s = blob, generation, lease_s
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._renew, daemon=True,
+                                    name="affinity_jax-lease")
+    self._thread.start()
+
+  @staticmethod
+  def _blob(root: str):
+    if not root.startswith("gs://"):
+      raise UserError(f"workdir {root}: only local folders and gs:// buckets have a "
+                      "workdir lock")
+    from google.cloud import storage  # Only for workdirs in a bucket.
+
+    bucket, _, prefix = root[len("gs://"):].partition("/")
+    name = "/".join(p for p in (prefix.strip("/"), LOCK) if p)
+    return storage.Client().bucket(bucket).blob(name)
+
+  @classmethod
+  def _current(cls, root: str):
+    """(blob, its generation, its holder record, its age in s); generation None if
+    there is no lock object."""
+    blob = cls._blob(root)
+    from google.api_core import exceptions
+
+    current = blob.bucket.get_blob(blob.name)  # Its generation and update time.
+    if current is None:
+      return blob, None, {}, 0.0
+    try:
+      data = current.download_as_bytes(if_generation_match=current.generation)
+    except (exceptions.NotFound, exceptions.PreconditionFailed):  # Released or renewed
+      data = b""  # just now: held (a new version is not stale).
+    try:
+      holder = json.loads(data or b"{}")
+    except ValueError:
+      holder = {}
+    age = (datetime.datetime.now(datetime.timezone.utc) - current.updated).total_seconds()
+    return blob, current.generation, holder if isinstance(holder, dict) else {}, age
+
+  @classmethod
+  def refuse_if_held(cls, root: str) -> None:
+    """Raises `InUse` when a live lease holds `root`; writes nothing."""
+    try:
+      _, generation, holder, age = cls._current(root)
+    except UserError:
+      raise
+    except Exception:  # noqa: BLE001 -- `take` will say what is wrong with the bucket.
+      return
+    if generation is not None and age < _lease_s():
+      raise InUse(root, holder)
+
+  @classmethod
+  def take(cls, root: str) -> "Lease":
+    from google.api_core import exceptions
+
+    lease_s = _lease_s()
+    try:
+      blob, generation, holder, age = cls._current(root)
+      if generation is not None and age < lease_s:
+        raise InUse(root, holder)
+      # Create it only if absent, or replace only the stale version just read.
+      blob.upload_from_string(_holder_record(), content_type="application/json",
+                              if_generation_match=generation or 0)
+    except exceptions.PreconditionFailed:  # Another run took it between read and write.
+      _, _, holder, _ = cls._current(root)
+      raise InUse(root, holder) from None
+    except exceptions.GoogleAPIError as e:
+      raise UserError(f"cannot take the lock {root}/{LOCK}: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    return cls(blob, blob.generation, lease_s)
+
+  def _renew(self) -> None:
+    from google.api_core import exceptions
+
+    while not self._stop.wait(self._lease_s / 4):
+      try:
+        self._blob.upload_from_string(_holder_record(), content_type="application/json",
+                                      if_generation_match=self._generation)
+        self._generation = self._blob.generation
+      except exceptions.PreconditionFailed:
+        print(f"warning: lost the workdir lock {self.path} (not renewed for "
+              f"{self._lease_s:.0f} s, another run took it)", flush=True)
+        return
+      except Exception as e:  # noqa: BLE001 -- a network error: try again next time.
+        print(f"warning: could not renew the workdir lock {self.path}: {e}", flush=True)
+
+  def release(self) -> None:
+    if self._stop.is_set():
+      return
+    self._stop.set()
+    self._thread.join()
+    from google.api_core import exceptions
+
+    try:
+      self._blob.delete(if_generation_match=self._generation)
+    except exceptions.GoogleAPIError:  # Lost or gone already: nothing of ours to delete.
+      pass
+
+  def __enter__(self) -> "Lease":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()

@@ -1,4 +1,4 @@
-"""Config loading, overrides and their errors, the workdir guard, the main wrapper."""
+"""Config loading, overrides and their errors, the workdir claim, the command line."""
 
 import json
 import os
@@ -10,6 +10,8 @@ import pytest
 
 from affinity_jax import config_lib
 from affinity_jax import defaults
+from affinity_jax import main
+from affinity_jax import workdir as workdir_layout
 from affinity_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,53 +112,53 @@ def test_errors_in_a_config_file_name_the_file_and_line(tmp_path, body, where, w
 
 
 def test_command_line(config_file, tmp_path):
-  cl = config_lib.parse_command_line(
+  cl = main.parse_command_line(
       [f"--config={config_file}:tiny", "--workdir", str(tmp_path / "w"),
        "--config.crf.alpha_low=8", "--mode=train_cam"], modes=("all", "train_cam"))
   assert cl.config.crf.alpha_low == 8 and cl.mode == "train_cam"
   assert cl.config_name == config_file + ":tiny" and cl.workdir == str(tmp_path / "w")
   with pytest.raises(UserError, match="missing --workdir"):
-    config_lib.parse_command_line([f"--config={config_file}"])
+    main.parse_command_line([f"--config={config_file}"])
   with pytest.raises(UserError, match="unknown flag --wrkdir"):
-    config_lib.parse_command_line([f"--config={config_file}", "--wrkdir=x"])
+    main.parse_command_line([f"--config={config_file}", "--wrkdir=x"])
   with pytest.raises(UserError, match="unknown --mode=bogus"):
-    config_lib.parse_command_line([f"--config={config_file}", "--workdir=x", "--mode=bogus"],
+    main.parse_command_line([f"--config={config_file}", "--workdir=x", "--mode=bogus"],
                                   modes=("all",))
 
 
 def test_workdir_guard(config_file, tmp_path):
   workdir = str(tmp_path / "w")
-  config_lib.check_workdir(config_lib.load_config(config_file), workdir, "exp")
+  workdir_layout.claim(config_lib.load_config(config_file), workdir, "exp")
   saved = json.loads((tmp_path / "w" / "config.json").read_text())
   assert saved["config_name"] == "exp" and saved["config"]["train"]["lr"] == 0.01
   # Free keys may differ: longer training, logging, distributed set-up.
   longer = config_lib.load_config(config_file, {"train.steps": "300", "train.log_every": "1",
                                                 "distributed.coordinator_address": "auto"})
-  config_lib.check_workdir(longer, workdir, "exp")
+  workdir_layout.claim(longer, workdir, "exp")
   assert json.loads((tmp_path / "w" / "config.json").read_text())["config"]["train"]["steps"] == 300
   other = config_lib.load_config(config_file, {"train.lr": "0.1"})
   with pytest.raises(UserError, match=rf"workdir {workdir} was written by config exp "
                      r"\(train\.lr: 0\.01 there, 0\.1 now\); use another --workdir"):
-    config_lib.check_workdir(other, workdir, "exp2")
+    workdir_layout.claim(other, workdir, "exp2")
   # The other hosts of a multi-host run check the same way but never write.
   with pytest.raises(UserError, match="train.lr"):
-    config_lib.check_workdir(other, workdir, "exp2", write=False)
+    workdir_layout.claim(other, workdir, "exp2", write=False)
   fresh = str(tmp_path / "fresh")
-  config_lib.check_workdir(other, fresh, "exp2", write=False)
+  workdir_layout.claim(other, fresh, "exp2", write=False)
   assert not os.path.exists(os.path.join(fresh, "config.json"))
 
 
 def test_workdir_config_reads_back_what_the_guard_wrote(config_file, tmp_path):
   workdir = str(tmp_path / "w")
   config = config_lib.load_config(config_file)
-  config_lib.check_workdir(config, workdir, "exp")
-  name, saved = config_lib.workdir_config(workdir)
+  workdir_layout.claim(config, workdir, "exp")
+  name, saved = workdir_layout.saved_config(workdir)
   assert name == "exp" and saved.to_dict() == config.to_dict()
   (tmp_path / "w" / "config.json").write_text('{"config": 3}')
   with pytest.raises(UserError, match=r"config\.json: not a config written by affinity_jax"):
-    config_lib.workdir_config(workdir)
+    workdir_layout.saved_config(workdir)
   with pytest.raises(UserError, match=r"config\.json: not a config written"):
-    config_lib.workdir_config(str(tmp_path / "missing"))
+    workdir_layout.saved_config(str(tmp_path / "missing"))
 
 
 def test_worker_counts_within_a_workdir(tmp_path):
@@ -164,13 +166,13 @@ def test_worker_counts_within_a_workdir(tmp_path):
   resumes its stream with the grain worker count saved in its checkpoint."""
   workdir = str(tmp_path / "w")
   tiny = "configs/scenes.py:tiny"
-  config_lib.check_workdir(config_lib.load_config(tiny), workdir, tiny)
+  workdir_layout.claim(config_lib.load_config(tiny), workdir, tiny)
   for key in ("crf.num_workers", "data.num_workers"):
-    config_lib.check_workdir(config_lib.load_config(tiny, {key: "3"}), workdir, tiny)
-    _, saved = config_lib.workdir_config(workdir)
+    workdir_layout.claim(config_lib.load_config(tiny, {key: "3"}), workdir, tiny)
+    _, saved = workdir_layout.saved_config(workdir)
     assert config_lib.flatten(saved)[key] == 3
   with pytest.raises(UserError, match=r"\(data\.infer_pad: 64 there, 32 now\); use another"):
-    config_lib.check_workdir(config_lib.load_config(tiny, {"data.infer_pad": "32"}), workdir,
+    workdir_layout.claim(config_lib.load_config(tiny, {"data.infer_pad": "32"}), workdir,
                              tiny)
 
 
@@ -192,25 +194,25 @@ def test_within_workdir_rules_name_real_keys():
 def test_a_workdir_from_before_a_key_was_added_reads_as_its_old_behaviour(tmp_path):
   workdir = str(tmp_path / "w")
   tiny = "configs/scenes.py:tiny"
-  config_lib.check_workdir(config_lib.load_config(tiny), workdir, tiny)
+  workdir_layout.claim(config_lib.load_config(tiny), workdir, tiny)
   path = tmp_path / "w" / "config.json"
   record = json.loads(path.read_text())
   del record["config"]["rw"]["normalize"]
   path.write_text(json.dumps(record))
-  _, saved = config_lib.workdir_config(workdir)
+  _, saved = workdir_layout.saved_config(workdir)
   assert saved.rw.normalize == "none"
   with pytest.raises(UserError, match=r"\(rw\.normalize: 'none' there, 'class' now\)"):
-    config_lib.check_workdir(config_lib.load_config(tiny, {"rw.normalize": "class"}),
+    workdir_layout.claim(config_lib.load_config(tiny, {"rw.normalize": "class"}),
                              workdir, tiny)
-  config_lib.check_workdir(config_lib.load_config(tiny), workdir, tiny)
+  workdir_layout.claim(config_lib.load_config(tiny), workdir, tiny)
   assert json.loads(path.read_text())["config"]["rw"]["normalize"] == "none"
 
 
 def test_run_main(capsys):
-  def main(argv):
+  def failing(argv):
     raise UserError(f"bad {argv[0]}")
   with pytest.raises(SystemExit) as e:
-    config_lib.run_main(main, ["thing"])
+    main.run_main(failing, ["thing"])
   assert e.value.code == 2
   assert capsys.readouterr().err == "error: bad thing\n"
 

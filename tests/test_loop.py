@@ -16,6 +16,7 @@ from affinity_jax import defaults
 from affinity_jax.errors import UserError
 from affinity_jax.training import loop, optim
 from affinity_jax.training import mesh as mesh_lib
+from affinity_jax.training.checkpoint import Checkpointer
 
 
 class FrozenStat(nnx.Variable):
@@ -152,12 +153,17 @@ def test_split_step_equals_value_and_grad_in_one_function():
   assert int(state["step"]) == 1
 
 
+def out(folder) -> loop.Output:
+  """A training folder laid out as a workdir's: ckpt/ and metrics.jsonl."""
+  return loop.Output(str(folder / "ckpt"), str(folder / "metrics.jsonl"), folder.name)
+
+
 def test_interrupted_training_resumes_to_the_same_result(tmp_path):
   mesh = mesh_lib.make_mesh()
   config = toy_config(steps=6, ckpt_every=2)
 
   full = loop.train(Toy(nnx.Rngs(0)), loss_fn, ToyBatches(mesh), config,
-                    str(tmp_path / "full"), mesh=mesh)
+                    out(tmp_path / "full"), mesh=mesh)
 
   # "Kill" after 4 steps: a run configured for 4 steps leaves checkpoints 2 and 4;
   # then a new model and a new iterator resume to 6. (Same schedule: steps fixed to 6.)
@@ -171,10 +177,10 @@ def test_interrupted_training_resumes_to_the_same_result(tmp_path):
       return super().__next__()
 
   with pytest.raises(Stop):
-    loop.train(Toy(nnx.Rngs(0)), loss_fn, StopAfter(mesh), config, str(tmp_path / "cut"),
+    loop.train(Toy(nnx.Rngs(0)), loss_fn, StopAfter(mesh), config, out(tmp_path / "cut"),
                mesh=mesh)
   batches = ToyBatches(mesh)
-  resumed = loop.train(Toy(nnx.Rngs(1)), loss_fn, batches, config, str(tmp_path / "cut"),
+  resumed = loop.train(Toy(nnx.Rngs(1)), loss_fn, batches, config, out(tmp_path / "cut"),
                        mesh=mesh)
   assert batches.pos == 6  # Continued from position 4, not from 0.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
@@ -194,7 +200,7 @@ def test_interrupted_training_resumes_to_the_same_result(tmp_path):
 
   # Running again when finished does nothing and returns the trained model.
   again = loop.train(Toy(nnx.Rngs(2)), loss_fn, ToyBatches(mesh), config,
-                     str(tmp_path / "cut"), mesh=mesh)
+                     out(tmp_path / "cut"), mesh=mesh)
   jax.tree.map(np.testing.assert_array_equal, params_of(again), params_of(resumed))
 
 
@@ -202,7 +208,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path, monkeypatch):
   mesh = mesh_lib.make_mesh()
   config = toy_config(steps=5, ckpt_every=100)
   full = loop.train(Toy(nnx.Rngs(0)), loss_fn, ToyBatches(mesh), config,
-                    str(tmp_path / "full"), mesh=mesh)
+                    out(tmp_path / "full"), mesh=mesh)
 
   class InterruptingBar(loop.Progress):
     calls = 0
@@ -215,12 +221,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path, monkeypatch):
 
   monkeypatch.setattr(loop, "Progress", InterruptingBar)
   with pytest.raises(KeyboardInterrupt):
-    loop.train(Toy(nnx.Rngs(0)), loss_fn, ToyBatches(mesh), config, str(tmp_path / "cut"),
+    loop.train(Toy(nnx.Rngs(0)), loss_fn, ToyBatches(mesh), config, out(tmp_path / "cut"),
                mesh=mesh)
   monkeypatch.undo()
   assert (tmp_path / "cut" / "ckpt" / "4").is_dir()  # Step 4 was queued when it came.
   batches = ToyBatches(mesh)
-  resumed = loop.train(Toy(nnx.Rngs(1)), loss_fn, batches, config, str(tmp_path / "cut"),
+  resumed = loop.train(Toy(nnx.Rngs(1)), loss_fn, batches, config, out(tmp_path / "cut"),
                        mesh=mesh)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                params_of(full), params_of(resumed))
@@ -253,21 +259,22 @@ def test_a_checkpoint_the_disk_cannot_hold_is_one_line_and_resume_skips_it(tmp_p
   mesh = mesh_lib.make_mesh()
   config = toy_config(steps=6, ckpt_every=2)
   full = loop.train(Toy(nnx.Rngs(0)), loss_fn, ToyBatches(mesh), config,
-                    str(tmp_path / "full"), mesh=mesh)
+                    out(tmp_path / "full"), mesh=mesh)
   ckpt = str(tmp_path / "cut" / "ckpt")
   _FULL_DISK_UNDER = os.path.join(ckpt, "4")   # Step 4's folder, temporary or final.
   try:
     with pytest.raises(UserError) as e:
       loop.train(Toy(nnx.Rngs(0)), loss_fn, ToyBatches(mesh), config,
-                 str(tmp_path / "cut"), mesh=mesh)
+                 out(tmp_path / "cut"), mesh=mesh)
   finally:
     _FULL_DISK_UNDER = None
   message = str(e.value)
   assert message.startswith(f"cannot write {ckpt}") and "disk full" in message, message
   assert "\n" not in message
-  assert loop.latest_step(str(tmp_path / "cut"), config) == 2
+  with Checkpointer(ckpt) as saved:
+    assert saved.latest_step() == 2
   batches = ToyBatches(mesh)
-  resumed = loop.train(Toy(nnx.Rngs(1)), loss_fn, batches, config, str(tmp_path / "cut"),
+  resumed = loop.train(Toy(nnx.Rngs(1)), loss_fn, batches, config, out(tmp_path / "cut"),
                        mesh=mesh)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                params_of(full), params_of(resumed))
@@ -281,7 +288,7 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, capsys, monkeypa
   monkeypatch.setenv("AFFINITY_JAX_PROGRESS_S", "0")
   mesh = mesh_lib.make_mesh()
   config = toy_config(steps=3, progress=True)
-  loop.train(Toy(nnx.Rngs(0)), loss_fn, ToyBatches(mesh), config, str(tmp_path / "aff"),
+  loop.train(Toy(nnx.Rngs(0)), loss_fn, ToyBatches(mesh), config, out(tmp_path / "aff"),
              mesh=mesh)
   lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("aff: ")]
   assert lines[0].startswith("aff: 0/3 (0%)")

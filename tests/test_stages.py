@@ -16,6 +16,7 @@ from PIL import Image
 import voc_tiny
 
 from affinity_jax import config_lib
+from affinity_jax import workdir as workdir_layout
 from affinity_jax import constants
 from affinity_jax.errors import UserError
 from affinity_jax.models import heads
@@ -198,7 +199,7 @@ def test_voc_cpu_variant_end_to_end_keeps_the_frozen_layers_and_reports_label_qu
   # the classifier's whole backbone and AffinityNet's layers below its last stage stay as
   # built; everything else trains. The ImageNet prior needs Lite0's ImageNet layer (a
   # later test, and test_models).
-  _, config = config_lib.workdir_config(voc_tiny_workdir)
+  _, config = workdir_layout.saved_config(voc_tiny_workdir)
   assert config.cam.frozen == ("backbone",) and config.aff.frozen == voc_tiny.AFF_FROZEN
   ctx = common.Context(config, voc_tiny_workdir, mesh_lib.make_mesh())
   for kind, trains_in_backbone in (("cam", False), ("aff", True)):

@@ -51,7 +51,7 @@ def load(directory: str, image_id: str) -> tuple[np.ndarray, np.ndarray, np.ndar
   """
   p = path(directory, image_id)
   try:
-    with np.load(p) as z:
+    with io.open_file(p) as raw, np.load(raw) as z:
       la, ha, keys = z["la"], z["ha"], z["keys"]
   except FileNotFoundError:
     raise UserError(f"{p}: CRF result missing; run the aff_labels stage") from None
@@ -62,4 +62,4 @@ def load(directory: str, image_id: str) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def exists(directory: str, image_id: str) -> bool:
-  return os.path.exists(path(directory, image_id))
+  return io.exists(path(directory, image_id))

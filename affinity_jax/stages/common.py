@@ -8,6 +8,7 @@ import jax
 import ml_collections
 from flax import nnx
 
+from affinity_jax import io
 from affinity_jax.data import sources
 from affinity_jax.inference import cam
 from affinity_jax.inference import canvas
@@ -16,6 +17,7 @@ from affinity_jax.inference import walk
 from affinity_jax.models import heads
 from affinity_jax.training import loop
 from affinity_jax.training import mesh as mesh_lib
+from affinity_jax.errors import UserError
 from affinity_jax.workdir import Workdir
 
 
@@ -33,7 +35,18 @@ class Context:
 
   @functools.cached_property
   def data_dir(self) -> str:
+    """Where the prepared datasets are: `data.data_dir`, else the workdir's."""
+    if io.is_remote(self.config.data.data_dir):
+      raise UserError(f"data.data_dir={self.config.data.data_dir}: prepared datasets "
+                      "(ArrayRecord files) are read from a local disk; give a local folder, "
+                      "or leave it empty")
     return self.config.data.data_dir or self.files.datasets
+
+  @property
+  def datasets_per_host(self) -> bool:
+    """Whether every host prepares its own datasets (a workdir in a bucket), not only
+    the first."""
+    return not self.config.data.data_dir and self.files.datasets_per_host
 
   def _dataset_params(self) -> dict[str, Any]:
     if self.config.data.name == "scenes":
@@ -137,9 +150,10 @@ class Context:
 
 def train(ctx: Context, kind: str, model: nnx.Module, loss_fn, batches) -> None:
   """Trains network `kind` with `loop.train` in its checkpoint folder (resuming)."""
+  store = ctx.files.checkpoints(kind)
   loop.train(model, loss_fn, batches, ctx.config[kind].train,
-             ctx.files.checkpoints(kind).directory, ctx.frozen_prefixes(kind, model),
-             ctx.mesh)
+             loop.Output(store.checkpoints, store.metrics, kind),
+             ctx.frozen_prefixes(kind, model), ctx.mesh)
 
 
 def grouped_batches(items, key, size: int):

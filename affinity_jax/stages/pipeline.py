@@ -10,7 +10,6 @@ import jax
 import ml_collections
 
 from affinity_jax import compilation
-from affinity_jax import config_lib
 from affinity_jax import io
 from affinity_jax import stopping
 from affinity_jax import workdir as workdir_layout
@@ -59,7 +58,7 @@ def run(config: ml_collections.ConfigDict, config_name: str, workdir: str,
   with contextlib.ExitStack() as stack:
     busy = _lock(workdir, stack)
     if busy is not None and mode == "eval":
-      config_lib.check_workdir(config, workdir, config_name, write=False)
+      workdir_layout.claim(config, workdir, config_name, write=False)
       return read_only_eval(common.Context(config, workdir, mesh_lib.make_mesh()), busy)
     if busy is not None:
       raise busy
@@ -67,9 +66,9 @@ def run(config: ml_collections.ConfigDict, config_name: str, workdir: str,
     if jax.process_count() > 1:  # Every host stops at its next image or step.
       stack.enter_context(stopping.share_with_peers(mesh_lib.publish_stop,
                                                     mesh_lib.published_stop))
-    config_lib.check_workdir(config, workdir, config_name, write=first)
+    workdir_layout.claim(config, workdir, config_name, write=first)
     ctx = common.Context(config, workdir, mesh_lib.make_mesh())
-    if first:
+    if first or ctx.datasets_per_host:
       with io.writing(ctx.data_dir):
         ctx.prepare_data()
     mesh_lib.sync("prepare_data")

@@ -50,7 +50,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, keep: int = 2, save_every: int = 1000):
-    self.directory = os.path.abspath(directory)
+    self.directory = io.abspath(directory)
     self.save_every = max(int(save_every), 1)
     options = ocp.CheckpointManagerOptions(max_to_keep=max(int(keep), 1), create=True)
     with io.writing(self.directory):

@@ -10,6 +10,7 @@ optimiser state are replicated over the mesh, the batch is split on its `data` a
 the train state is donated so its buffers are reused in place.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -24,7 +25,6 @@ from flax import nnx
 
 from affinity_jax import io
 from affinity_jax import stopping
-from affinity_jax import workdir as workdir_layout
 from affinity_jax.errors import UserError
 from affinity_jax.progress import Progress
 from affinity_jax.training import mesh as mesh_lib
@@ -121,15 +121,18 @@ def _state_fns(tx: optax.GradientTransformation, params: dict, rest: dict,
   return init_state, abstract
 
 
-def _checkpointer(workdir: str, config: Any) -> Checkpointer:
-  return Checkpointer(os.path.join(workdir, workdir_layout.CHECKPOINT), keep=config.keep,
-                      save_every=config.ckpt_every)
+@dataclasses.dataclass(frozen=True)
+class Output:
+  """Where `train` writes.
 
-
-def latest_step(workdir: str, config: Any) -> int | None:
-  """The step of the newest checkpoint in `workdir/ckpt` (None when there is none)."""
-  with _checkpointer(workdir, config) as ckpt:
-    return ckpt.latest_step()
+  Attributes:
+    checkpoints: the checkpoint folder (local or a bucket URL).
+    metrics: the metrics log, one JSON object per line.
+    name: the progress display's label.
+  """
+  checkpoints: str
+  metrics: str
+  name: str = "train"
 
 
 def _restore_or_init(ckpt: Checkpointer, tx: optax.GradientTransformation, params: dict,
@@ -180,12 +183,12 @@ def _own_data_state(saved: Any, directory: str) -> Any:
   return states[jax.process_index()]
 
 
-def _next_batch(batches: BatchIterator, step: int, steps: int, workdir: str
+def _next_batch(batches: BatchIterator, step: int, steps: int, name: str
                 ) -> Mapping[str, jax.Array]:
   try:
     return next(batches)
   except StopIteration:
-    raise UserError(f"the input pipeline of {workdir} ended at step {step} of {steps}") from None
+    raise UserError(f"the input pipeline of {name} ended at step {step} of {steps}") from None
 
 
 class _MetricsLog:
@@ -197,21 +200,20 @@ class _MetricsLog:
   lines after the restored step are dropped so the log has no duplicates.
   """
 
-  def __init__(self, workdir: str, start: int, config: Any):
-    self.workdir, self.steps = workdir, int(config.steps)
+  def __init__(self, out: Output, start: int, config: Any):
+    self.name, self.steps = out.name, int(config.steps)
     self.logged = start  # The last step written.
     self._every = max(int(config.log_every), 1)
     self._pending = None  # (step, metrics, batch size) not written yet.
     self._last_t = time.perf_counter()
     main = jax.process_index() == 0
-    self._path = path = os.path.join(workdir, workdir_layout.METRICS)
+    self._path = path = out.metrics
     if main:
       _truncate_log(path, start)
-    with io.writing(path):
-      self._file = open(path if main else os.devnull, "a")
+    self._file = io.Appender(path if main else os.devnull)
     self._progress = Progress(
         total=self.steps, initial=start, unit="step", dynamic_ncols=True,
-        desc=os.path.basename(os.path.normpath(workdir)) or "train",
+        desc=out.name,
         disable=not (bool(config.get("progress", True)) and main))
 
   def add(self, step: int, metrics: Mapping[str, jax.Array], batch_size: int) -> None:
@@ -220,9 +222,11 @@ class _MetricsLog:
       self._write(*previous)
 
   def flush(self) -> None:
+    """Writes the queued step, and makes the whole log visible (in a bucket too)."""
     if self._pending is not None:
       self._write(*self._pending)
       self._pending = None
+    self._file.sync()
 
   def catch_up(self, step: int) -> bool:
     """Writes the queued step if it directly follows the last one written.
@@ -250,10 +254,9 @@ class _MetricsLog:
     values["images_per_s"] = batch_size / max(now - self._last_t, 1e-9)
     self._last_t = now
     if not math.isfinite(values["loss"]):
-      raise FloatingPointError(f"loss is {values['loss']} at step {step} in {self.workdir}")
-    with io.writing(self._path):  # A cut line is skipped, and dropped on resume.
-      self._file.write(json.dumps({"step": step, **values}) + "\n")
-      self._file.flush()
+      raise FloatingPointError(f"loss is {values['loss']} at step {step} in {self.name}")
+    self._file.write(json.dumps({"step": step, **values}) + "\n")  # A cut line is
+    # skipped, and dropped on resume.
     self.logged = step
     if step % self._every == 0 or step == self.steps:
       self._progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
@@ -263,7 +266,7 @@ class _MetricsLog:
 
 def _truncate_log(path: str, step: int) -> None:
   """Drops the lines of `path` after `step` (and lines cut by a kill)."""
-  if os.path.exists(path):
+  if io.exists(path):
     rows = [r for r in io.read_jsonl(path) if r.get("step", step + 1) <= step]
     io.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
@@ -303,9 +306,9 @@ def _save_on_interrupt(ckpt: Checkpointer, step: int, state: dict, batches: Batc
 
 
 def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: Any,
-          workdir: str, frozen_prefixes: Sequence[str] = (),
+          out: Output, frozen_prefixes: Sequence[str] = (),
           mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
-  """Trains `model` for `config.steps` steps, resuming from `workdir/ckpt` if present.
+  """Trains `model` for `config.steps` steps, resuming from `out.checkpoints` if any.
 
   Args:
     model: the network; its `nnx.Param`s are trained, other variables pass through
@@ -315,7 +318,7 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: An
     batches: iterator of dicts of global `jax.Array`s `[B, ...]` split on `data`, with
       `get_state()`/`set_state()` (JSON-serialisable position).
     config: keys of `defaults.train_config()`.
-    workdir: the stage's folder; gets `ckpt/` and `metrics.jsonl`.
+    out: where the checkpoints and the metrics log go.
     frozen_prefixes: parameter paths that receive no updates.
     mesh: the mesh of the batches (default: all devices).
 
@@ -324,8 +327,8 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: An
   """
   mesh = mesh_lib.make_mesh() if mesh is None else mesh
   steps = int(config.steps)
-  with io.writing(workdir):
-    os.makedirs(workdir, exist_ok=True)
+  with io.writing(out.checkpoints):
+    io.makedirs(os.path.dirname(out.metrics))
   graphdef, params, rng_state, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
   params, rest = _pure(params), _pure(rest)
   tx = optim.make_optimizer(params, config, frozen_prefixes)
@@ -333,16 +336,16 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: An
                                _pure(rng_state), mesh, frozen_prefixes)
   rng = mesh_lib.replicated_key(int(config.seed), mesh)
 
-  with _checkpointer(workdir, config) as ckpt:
+  with Checkpointer(out.checkpoints, keep=config.keep, save_every=config.ckpt_every) as ckpt:
     state, step = _restore_or_init(ckpt, tx, params, rest, batches, mesh)
     saved = step
     vote = _StopVote(mesh)
-    with _MetricsLog(workdir, step, config) as log:
+    with _MetricsLog(out, step, config) as log:
       in_step = False  # True from taking a batch until the step's new state exists.
       try:
         while step < steps:
           in_step = True
-          batch = _next_batch(batches, step, steps, workdir)
+          batch = _next_batch(batches, step, steps, out.name)
           state, metrics = train_step(state, batch, rng)
           step, in_step = step + 1, False
           log.add(step, metrics, _batch_size(batch))
