@@ -15,7 +15,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # Top-level module or folder of affinity_jax -> layer (docs/design.md, "Layers").
 LAYERS = {
     "errors": 0, "io": 0, "constants": 0, "runtime": 0, "config_lib": 0, "progress": 0,
-    "compilation": 0, "stopping": 0,
+    "compilation": 0, "stopping": 0, "sharding": 0,
     "ops": 1,
     "models": 2, "weights": 2,
     "data": 3, "training": 3, "labels": 3, "evaluation": 3, "workdir": 3, "defaults": 3,

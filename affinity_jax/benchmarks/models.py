@@ -20,10 +20,10 @@ import optax
 from flax import nnx
 
 from affinity_jax import io as aio
+from affinity_jax import sharding
 from affinity_jax.benchmarks import timing
 from affinity_jax.models import CAMNet
 from affinity_jax.training import loop
-from affinity_jax.training import mesh as mesh_lib
 
 DEFAULT_BACKBONES = ("tiny", "lite0", "vgg16", "resnet38")
 
@@ -41,7 +41,7 @@ def bench(name: str, size: int, batch: int, iters: int) -> dict:
     return logits, aux["cams"]
 
   frozen = model.backbone.frozen_prefixes
-  mesh = mesh_lib.make_mesh(jax.devices()[:1])
+  mesh = sharding.make_mesh(jax.devices()[:1])
 
   def loss_fn(model, batch, key, train):
     logits, _ = model(batch["image"], train=train, key=key)
@@ -55,9 +55,9 @@ def bench(name: str, size: int, batch: int, iters: int) -> dict:
                                     rng_state, mesh, frozen)
   state = {"state": jax.device_put(
       dict(params=train_params, rest=train_rest, opt_state=tx.init(train_params),
-           step=jnp.zeros((), jnp.int32)), mesh_lib.replicated(mesh))}
-  data = mesh_lib.shard_batch({"image": x, "labels": labels}, mesh)
-  key = jax.device_put(jax.random.key(0), mesh_lib.replicated(mesh))
+           step=jnp.zeros((), jnp.int32)), sharding.replicated(mesh))}
+  data = sharding.shard_batch({"image": x, "labels": labels}, mesh)
+  key = jax.device_put(jax.random.key(0), sharding.replicated(mesh))
 
   t0 = time.perf_counter()
   jax.block_until_ready(forward(params, rest, x))

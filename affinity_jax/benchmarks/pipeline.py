@@ -39,6 +39,7 @@ from flax import nnx
 
 from affinity_jax import defaults
 from affinity_jax import io
+from affinity_jax import sharding
 from affinity_jax import workdir
 from affinity_jax.benchmarks import timing
 from affinity_jax.data import pipeline
@@ -52,7 +53,6 @@ from affinity_jax.labels import crf
 from affinity_jax.models import heads
 from affinity_jax.training import losses
 from affinity_jax.training import loop
-from affinity_jax.training import mesh as mesh_lib
 from affinity_jax.training import optim
 
 STAGES = ("train_cam", "infer_cam", "crf", "train_aff", "infer_rw", "train_seg")
@@ -148,7 +148,7 @@ def make_trainer(kind: str, loss_fn, backbone: str, mesh):
   frozen = model.backbone.frozen_prefixes
   normalization = model.backbone.normalization
   tx = optim.make_optimizer(params, config, frozen)
-  replicated = mesh_lib.replicated(mesh)
+  replicated = sharding.replicated(mesh)
 
   def init_state(params, rest):
     return dict(params=params, rest=rest, opt_state=tx.init(params),
@@ -174,7 +174,7 @@ def bench_train(kind: str, loss_fn, backbone: str, batch: int, crop: int, repeat
   if batch % mesh.size:
     raise UserError(f"--{kind}-batch={batch} is not a multiple of the {mesh.size} devices")
   step, config, _ = make_trainer(kind, loss_fn, backbone, mesh)
-  data = mesh_lib.shard_batch(_train_batch(kind, batch, crop, np.random.default_rng(0)), mesh)
+  data = sharding.shard_batch(_train_batch(kind, batch, crop, np.random.default_rng(0)), mesh)
   one = lambda: step(data)
 
   t0 = time.perf_counter()
@@ -401,7 +401,7 @@ def main(argv=None):
   h, w = _size(a.image)
   image = synthetic_image(h, w)
   cams = synthetic_cams(h, w, len(PRESENT))
-  mesh = mesh_lib.make_mesh()
+  mesh = sharding.make_mesh()
   base = defaults.base_config()
   info = timing.device_info()
   print(f"backbone {a.backbone} on {info['devices']} x {info['device']} ({info['host']}), "

@@ -9,12 +9,12 @@ import numpy as np
 from flax import nnx
 
 from affinity_jax import constants
+from affinity_jax import sharding
 from affinity_jax.data import transforms
 from affinity_jax.inference import STRIDE
 from affinity_jax.inference import canvas as canvas_lib
 from affinity_jax.inference import resize
 from affinity_jax.ops import cam as cam_ops
-from affinity_jax.training import mesh as mesh_lib
 
 
 class Classifier:
@@ -67,7 +67,7 @@ class Classifier:
     """
     x, _ = transforms.pad_to_multiple(transforms.normalize(image, self.normalization),
                                       STRIDE, 0.0)
-    x = mesh_lib.pad_batch(x[None], _device_count(self.state))
+    x = sharding.pad_batch(x[None], _device_count(self.state))
     logits, _ = self.forward(self.state, _to_devices(x, self.state))
     probs = np.asarray(jax.nn.sigmoid(logits[0]))
     present = probs > threshold
@@ -84,9 +84,9 @@ def _to_devices(x: np.ndarray, state) -> jax.Array:
   """x placed as the forward of `state` takes it: split over the mesh `state` is
   replicated on, else on the default device. Placed directly, not resharded by a
   program compiled per shape (`jnp.asarray` also compiles one)."""
-  sharding = jax.tree.leaves(state)[0].sharding
-  if isinstance(sharding, jax.sharding.NamedSharding):
-    return jax.device_put(x, mesh_lib.data_sharding(sharding.mesh))
+  placed = jax.tree.leaves(state)[0].sharding
+  if isinstance(placed, jax.sharding.NamedSharding):
+    return jax.device_put(x, sharding.data_sharding(placed.mesh))
   return jax.device_put(x)
 
 
@@ -108,7 +108,7 @@ def classifier_forward(model, mesh=None):
     logits, aux = nnx.merge(graphdef, state)(x, train=False)
     return logits, aux["cams"]
 
-  return mesh_lib.jit_over_batch(forward, state, mesh)
+  return sharding.jit_over_batch(forward, state, mesh)
 
 
 def multiscale_inputs(image: np.ndarray, normalization: str,
@@ -184,7 +184,7 @@ def batched_cams(forward, state, examples: list[dict], normalization: str,
     x = np.concatenate([np.concatenate([inputs[i][0], inputs[i + 1][0]])
                         for inputs in passes])
     x = np.pad(x, [(0, 2 * max(0, slots - len(examples)))] + [(0, 0)] * 3)
-    outs.append(forward(state, _to_devices(mesh_lib.pad_batch(x, multiple), state))[1])
+    outs.append(forward(state, _to_devices(sharding.pad_batch(x, multiple), state))[1])
   outs = [np.asarray(out) for out in outs]   # After all calls are dispatched.
   merged = []
   for b, (example, inputs, size) in enumerate(zip(examples, passes, sizes)):

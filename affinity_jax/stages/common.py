@@ -8,6 +8,7 @@ import jax
 import ml_collections
 from flax import nnx
 
+from affinity_jax import sharding
 from affinity_jax.data import sources
 from affinity_jax.inference import cam
 from affinity_jax.inference import canvas
@@ -15,7 +16,6 @@ from affinity_jax.inference import segment
 from affinity_jax.inference import walk
 from affinity_jax.models import heads
 from affinity_jax.training import loop
-from affinity_jax.training import mesh as mesh_lib
 from affinity_jax.workdir import Workdir
 
 
@@ -103,7 +103,7 @@ class Context:
     model = self.make_model(kind, pretrained=False)  # The checkpoint holds every weight.
     # On this host's devices: every host infers its own images.
     return self.files.checkpoints(kind).load(model, self.config[kind].train.steps,
-                                             mesh_lib.replicated(self.local_mesh))
+                                             sharding.replicated(self.local_mesh))
 
   def trained(self, kind: str) -> bool:
     """Whether the training stage of network `kind` ("cam", "aff", "seg") has finished."""
@@ -113,7 +113,7 @@ class Context:
   def local_mesh(self) -> jax.sharding.Mesh:
     """This host's devices: inference splits its batches over them (every host infers
     its own images)."""
-    return mesh_lib.make_mesh(jax.local_devices())
+    return sharding.make_mesh(jax.local_devices())
 
   @functools.cached_property
   def canvases(self) -> canvas.Canvases:

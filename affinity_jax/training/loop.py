@@ -23,11 +23,11 @@ import optax
 from flax import nnx
 
 from affinity_jax import io
+from affinity_jax import sharding
 from affinity_jax import stopping
 from affinity_jax import workdir as workdir_layout
 from affinity_jax.errors import UserError
 from affinity_jax.progress import Progress
-from affinity_jax.training import mesh as mesh_lib
 from affinity_jax.training import optim
 from affinity_jax.training.checkpoint import Checkpointer
 
@@ -70,7 +70,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   Lite0 block): the Lite0 step at 192 px took ~20% longer (docs/models.md). A run over
   several processes keeps one executable (see below).
   """
-  replicated = mesh_lib.replicated(mesh)
+  replicated = sharding.replicated(mesh)
 
   def forward(state, batch, rng):
     key = jax.random.fold_in(rng, state["step"])
@@ -97,7 +97,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   def chain(forward, backward):
     return lambda state, batch, rng: backward(state, *forward(state, batch, rng))
 
-  in_shardings = (replicated, mesh_lib.data_sharding(mesh), replicated)
+  in_shardings = (replicated, sharding.data_sharding(mesh), replicated)
   if jax.process_count() > 1:
     # Across processes: one executable. Split, a process whose peer had died hung in
     # its next forward call (in runs that went on, some steps' forward took 2 s instead
@@ -140,7 +140,7 @@ def _restore_or_init(ckpt: Checkpointer, tx: optax.GradientTransformation, param
   The newest checkpoint, with `batches` moved to the position saved with it; or, when
   there is none, a fresh state at step 0 made from `params` and `rest`.
   """
-  replicated = mesh_lib.replicated(mesh)
+  replicated = sharding.replicated(mesh)
   init_state, abstract = _state_fns(tx, params, rest, replicated)
   start = ckpt.latest_step()
   if start is not None:
@@ -165,7 +165,7 @@ def _data_state(batches: BatchIterator) -> Any:
   state = batches.get_state()
   if jax.process_count() == 1:
     return state
-  return {PER_PROCESS: mesh_lib.gather_json(state)}
+  return {PER_PROCESS: sharding.gather_json(state)}
 
 
 def _own_data_state(saved: Any, directory: str) -> Any:
@@ -287,7 +287,7 @@ class _StopVote:
     if jax.process_count() == 1:
       return stopping.requested()
     previous = self._pending
-    self._pending = mesh_lib.max_over_processes(stopping.requested(), self._mesh)
+    self._pending = sharding.max_over_processes(stopping.requested(), self._mesh)
     return 0 if previous is None else int(np.asarray(previous.addressable_data(0)))
 
 
@@ -322,7 +322,7 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: An
   Returns:
     `model`, updated in place with the trained variables.
   """
-  mesh = mesh_lib.make_mesh() if mesh is None else mesh
+  mesh = sharding.make_mesh() if mesh is None else mesh
   steps = int(config.steps)
   with io.writing(workdir):
     os.makedirs(workdir, exist_ok=True)
@@ -331,7 +331,7 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: An
   tx = optim.make_optimizer(params, config, frozen_prefixes)
   train_step = make_train_step(graphdef, tx, loss_fn, optim.make_schedule(config),
                                _pure(rng_state), mesh, frozen_prefixes)
-  rng = mesh_lib.replicated_key(int(config.seed), mesh)
+  rng = sharding.replicated_key(int(config.seed), mesh)
 
   with _checkpointer(workdir, config) as ckpt:
     state, step = _restore_or_init(ckpt, tx, params, rest, batches, mesh)
