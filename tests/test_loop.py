@@ -90,15 +90,12 @@ def test_step_is_the_same_on_8_devices_and_on_1():
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = sharding.make_mesh(devices)
     model = Toy(nnx.Rngs(0))
-    graphdef, params, rngs, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
-    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+    graphdef, params, rngs, rest = loop.split_model(model)
     config = toy_config()
     tx = optim.make_optimizer(params, config, ("backbone/conv/bias",))
     step = loop.make_train_step(graphdef, tx, loss_fn, optim.make_schedule(config),
-                                nnx.to_pure_dict(rngs), mesh)
-    rep = sharding.replicated(mesh)
-    state = jax.device_put(dict(params=params, rest=rest, opt_state=tx.init(params),
-                                step=jnp.zeros((), jnp.int32)), rep)
+                                rngs, mesh)
+    state = loop.create_train_state(tx, params, rest, mesh)
     batches = ToyBatches(mesh)
     rng = jax.random.key(3)
     for _ in range(2):
@@ -121,13 +118,12 @@ def test_split_step_equals_value_and_grad_in_one_function():
   # that of jax.value_and_grad and the optimiser in one, dropout and frozen bias included.
   mesh = sharding.make_mesh(jax.devices()[:1])
   model = Toy(nnx.Rngs(0))
-  graphdef, params, rngs, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
-  params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+  graphdef, params, rngs, rest = loop.split_model(model)
   config = toy_config()
   frozen = ("backbone/conv/bias",)
   tx = optim.make_optimizer(params, config, frozen)
   step = loop.make_train_step(graphdef, tx, loss_fn, optim.make_schedule(config),
-                              nnx.to_pure_dict(rngs), mesh, frozen)
+                              rngs, mesh, frozen)
   rng = jax.random.key(3)
   batch = next(ToyBatches(mesh))
 
@@ -135,15 +131,14 @@ def test_split_step_equals_value_and_grad_in_one_function():
   def reference(params, opt_state):
     def loss_of(p):
       p = optim.stop_frozen_gradients(p, frozen)
-      m = nnx.merge(graphdef, nnx.State(p), nnx.State(nnx.to_pure_dict(rngs)), nnx.State(rest))
+      m = nnx.merge(graphdef, nnx.State(p), nnx.State(rngs), nnx.State(rest))
       return loss_fn(m, batch, jax.random.fold_in(rng, 0), train=True)
     (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return loss, metrics, optax.apply_updates(params, updates)
 
   want_loss, want_metrics, want_params = reference(params, tx.init(params))
-  state = jax.device_put(dict(params=params, rest=rest, opt_state=tx.init(params),
-                              step=jnp.zeros((), jnp.int32)), sharding.replicated(mesh))
+  state = loop.create_train_state(tx, params, rest, mesh)
   state, metrics = step(state, batch, rng)
   np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-6)
   np.testing.assert_allclose(metrics["acc"], want_metrics["acc"])

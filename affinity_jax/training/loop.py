@@ -109,16 +109,44 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                jax.jit(backward, out_shardings=(replicated, replicated), donate_argnums=(0,)))
 
 
-def _state_fns(tx: optax.GradientTransformation, params: dict, rest: dict,
-               sharding: jax.sharding.Sharding) -> tuple[Callable, Any]:
-  """The train state's constructor and its abstract (shape, dtype, sharding) tree."""
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict, dict]:
+  """`model` as the train step takes it: (graphdef, params, rng_state, rest).
+
+  `params` are its `nnx.Param`s, `rng_state` its `nnx.RngState` (passed through, never
+  saved) and `rest` every other variable, each a pure dict of arrays.
+  """
+  graphdef, params, rng_state, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
+  return graphdef, _pure(params), _pure(rng_state), _pure(rest)
+
+
+def create_train_state(tx: optax.GradientTransformation, params: dict, rest: dict,
+                       mesh: jax.sharding.Mesh, abstract: bool = False) -> dict:
+  """The train state at step 0, replicated on `mesh`: what `make_train_step` takes.
+
+  Args:
+    tx: the optimiser; its state is `tx.init(params)`.
+    params, rest: pure dicts of the model's variables (`split_model`).
+    mesh: the mesh the state is replicated on.
+    abstract: return only the state's shapes, dtypes and shardings (what a checkpoint
+      is restored into), computing nothing.
+
+  Returns:
+    `{"params", "rest", "opt_state", "step"}`, the arrays new buffers (the model's own
+    are never donated): made from host copies, so also valid on several hosts as long
+    as each holds the same values.
+  """
+  replicated = sharding.replicated(mesh)
+
   def init_state(params, rest):
     return dict(params=params, rest=rest, opt_state=tx.init(params),
                 step=jnp.zeros((), jnp.int32))
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-      jax.eval_shape(init_state, params, rest))
-  return init_state, abstract
+
+  if abstract:
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        jax.eval_shape(init_state, params, rest))
+  host = jax.tree.map(lambda x: jax.device_put(np.asarray(x), replicated), (params, rest))
+  return jax.jit(init_state, out_shardings=replicated)(*host)
 
 
 def _checkpointer(workdir: str, config: Any) -> Checkpointer:
@@ -140,17 +168,13 @@ def _restore_or_init(ckpt: Checkpointer, tx: optax.GradientTransformation, param
   The newest checkpoint, with `batches` moved to the position saved with it; or, when
   there is none, a fresh state at step 0 made from `params` and `rest`.
   """
-  replicated = sharding.replicated(mesh)
-  init_state, abstract = _state_fns(tx, params, rest, replicated)
   start = ckpt.latest_step()
   if start is not None:
-    state, data_state = ckpt.restore(abstract, start)
+    state, data_state = ckpt.restore(
+        create_train_state(tx, params, rest, mesh, abstract=True), start)
     batches.set_state(_own_data_state(data_state, ckpt.directory))
     return state, start
-  # Through host memory: fresh global buffers (the model's own are never donated), and
-  # valid on several hosts as long as each holds the same values.
-  host = jax.tree.map(lambda x: jax.device_put(np.asarray(x), replicated), (params, rest))
-  return jax.jit(init_state, out_shardings=replicated)(*host), 0
+  return create_train_state(tx, params, rest, mesh), 0
 
 
 PER_PROCESS = "per_process"  # Key of the input positions of a multi-host checkpoint.
@@ -326,11 +350,10 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: An
   steps = int(config.steps)
   with io.writing(workdir):
     os.makedirs(workdir, exist_ok=True)
-  graphdef, params, rng_state, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
-  params, rest = _pure(params), _pure(rest)
+  graphdef, params, rng_state, rest = split_model(model)
   tx = optim.make_optimizer(params, config, frozen_prefixes)
   train_step = make_train_step(graphdef, tx, loss_fn, optim.make_schedule(config),
-                               _pure(rng_state), mesh, frozen_prefixes)
+                               rng_state, mesh, frozen_prefixes)
   rng = sharding.replicated_key(int(config.seed), mesh)
 
   with _checkpointer(workdir, config) as ckpt:
