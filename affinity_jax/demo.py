@@ -138,7 +138,7 @@ def _grey(values: np.ndarray, cmap: str = "gray_r") -> np.ndarray:
 def _common_panels(ctx: common.Context, image: np.ndarray, cams: np.ndarray,
                    keys: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """CAM, background score, learned affinities and walk panels; also the walk labels."""
-  full = cam.full_cams(cams, keys)
+  full = cam_ops.full_cams(cams, keys)
   bg = np.asarray(cam_ops.background_score(jnp.asarray(full), ctx.config.rw.alpha))
   edges, scores = _walk(ctx, image, cams, keys)
   panels = {

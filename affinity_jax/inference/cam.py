@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from affinity_jax import constants
 from affinity_jax import sharding
 from affinity_jax.data import transforms
 from affinity_jax.inference import STRIDE
@@ -191,7 +190,7 @@ def batched_cams(forward, state, examples: list[dict], normalization: str,
     present = np.flatnonzero(example["labels"])
     cams = [out[2 * b + f][..., present] for out in outs for f in (0, 1)]
     plan = [p for _, p in inputs]
-    merged.append(full_cams(merge_present(cams, plan, size), present + 1))
+    merged.append(cam_ops.full_cams(merge_present(cams, plan, size), present + 1))
   return merged
 
 
@@ -225,10 +224,3 @@ def merge_present(cams: list[np.ndarray], plan, size: tuple[int, int],
     total += rows @ np.moveaxis(cam.astype(np.float32), -1, 0) @ cols.T
   total /= total.max(axis=(1, 2), keepdims=True) + 1e-5
   return np.ascontiguousarray(np.moveaxis(total, 0, -1))
-
-
-def full_cams(cams: np.ndarray, keys: np.ndarray) -> np.ndarray:
-  """[H, W, k] maps of label ids `keys` -> [H, W, 20] with zeros for absent classes."""
-  out = np.zeros(cams.shape[:2] + (constants.NUM_CLASSES,), np.float32)
-  out[..., np.asarray(keys) - 1] = cams
-  return out

@@ -56,24 +56,19 @@ class Context:
     data = self.config.data
     return tuple(dict.fromkeys((data.label_split, data.eval_split)))
 
-  @functools.cache
-  def _index(self, splits: tuple[str, ...]) -> dict[str, tuple[str, int]]:
-    """image id -> (split, record index), the first split holding it wins."""
-    index = {}
-    for name in splits:
-      for i, image_id in enumerate(self.split(name).ids()):
-        index.setdefault(image_id, (name, i))
-    return index
+  @functools.cached_property
+  def examples(self) -> sources.ById:
+    """The examples of the label splits by image id, the first split holding it wins."""
+    return sources.ById([self.split(name) for name in self.label_splits()])
 
   def label_ids(self, only_mine: bool = True) -> list[str]:
     """Ids of the label splits (each once); by default only this process's share."""
-    ids = list(self._index(self.label_splits()))
+    ids = self.examples.ids()
     return ids[jax.process_index()::jax.process_count()] if only_mine else ids
 
   def example(self, image_id: str) -> dict:
     """The decoded example `image_id` of the label splits."""
-    name, i = self._index(self.label_splits())[image_id]
-    return self.split(name)[i]
+    return self.examples[image_id]
 
   def make_model(self, kind: str, pretrained: bool = True) -> nnx.Module:
     """A fresh network: kind is "cam", "aff" or "seg"; with `model.pretrained` loaded
