@@ -20,6 +20,7 @@ import numpy as np
 from affinity_jax import config_lib
 from affinity_jax import constants
 from affinity_jax import io
+from affinity_jax import sharding
 from affinity_jax import workdir as workdir_layout
 from affinity_jax.data import transforms
 from affinity_jax.errors import UserError
@@ -32,7 +33,6 @@ from affinity_jax.ops import affinity as aff_ops
 from affinity_jax.ops import cam as cam_ops
 from affinity_jax.stages import common
 from affinity_jax.stages import pipeline
-from affinity_jax.training import mesh as mesh_lib
 
 # Right and down neighbours: the edge map shows 1 - the weaker of the two affinities.
 EDGE_OFFSETS = np.array([[0, 1], [1, 0]], np.int32)
@@ -76,7 +76,7 @@ def open_workdir(workdir: str, run: bool = True) -> common.Context:
       return pipeline.run(config, name, workdir)
     except workdir_layout.InUse as e:  # Another run writes it: only read.
       print(f"note: {e.where}: opened for reading only", flush=True)
-  return common.Context(config, workdir, mesh_lib.make_mesh())
+  return common.Context(config, workdir, sharding.make_mesh())
 
 
 def image_ids(ctx: common.Context, split: str | None = None) -> list[str]:
@@ -138,7 +138,7 @@ def _grey(values: np.ndarray, cmap: str = "gray_r") -> np.ndarray:
 def _common_panels(ctx: common.Context, image: np.ndarray, cams: np.ndarray,
                    keys: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """CAM, background score, learned affinities and walk panels; also the walk labels."""
-  full = cam.full_cams(cams, keys)
+  full = cam_ops.full_cams(cams, keys)
   bg = np.asarray(cam_ops.background_score(jnp.asarray(full), ctx.config.rw.alpha))
   edges, scores = _walk(ctx, image, cams, keys)
   panels = {

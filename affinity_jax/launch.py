@@ -9,7 +9,7 @@ mesh of N x D devices, each process reading its share of every batch and writing
 the one shared workdir: what a TPU pod slice does with one process per host, on one
 machine. The processes' output is prefixed with `[p<i>]`. When one process fails the
 others get `--grace_s` seconds to fail on their own (they do: see the distributed
-heartbeat in `training.mesh`), then are stopped; the launcher exits with the first
+heartbeat in `sharding`), then are stopped; the launcher exits with the first
 failure's status. Ctrl-C is passed on to every process (a rerun resumes).
 
 Standard library only: the processes import JAX, this one never does.

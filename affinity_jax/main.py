@@ -131,8 +131,8 @@ def exit_at_once(error: BaseException) -> None:
   if isinstance(error, stopping.Stopped):
     # Every host stops: the first to exit would end the others' coordination service
     # (process 0 runs it) while they still save their step or image.
-    from affinity_jax.training import mesh as mesh_lib
-    mesh_lib.wait_for_all("affinity_jax_stopped", STOP_WAIT_S)
+    from affinity_jax import sharding
+    sharding.wait_for_all("affinity_jax_stopped", STOP_WAIT_S)
   if code is None and isinstance(error, SystemExit):
     code = error.code if isinstance(error.code, int) else 1
   elif code is None:

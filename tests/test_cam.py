@@ -103,7 +103,7 @@ def test_host_merge_of_present_classes_matches_numpy_and_the_jitted_merge():
   labels[0, present] = 1
   merge = jax.jit(functools.partial(cam.merge_cams, plan=tuple(plan), size=size))
   want = np.asarray(merge([c[None] for c in cams], labels=labels))[0]
-  np.testing.assert_allclose(cam_inference.full_cams(got, present + 1), want, atol=1e-5)
+  np.testing.assert_allclose(cam.full_cams(got, present + 1), want, atol=1e-5)
 
 
 def test_flip_pass_is_unflipped():

@@ -16,6 +16,7 @@ import voc_tiny
 
 from affinity_jax import compilation
 from affinity_jax import config_lib
+from affinity_jax import sharding
 from affinity_jax.errors import UserError
 from affinity_jax.inference import cam as cam_inference
 from affinity_jax.inference import canvas
@@ -25,7 +26,6 @@ from affinity_jax.models import heads
 from affinity_jax.stages import cam as cam_stage
 from affinity_jax.stages import common
 from affinity_jax.stages import random_walk as rw_stage
-from affinity_jax.training import mesh as mesh_lib
 
 CANVASES = canvas.Canvases(((48, 48), (32, 48)), multiple=16)
 # Sizes on both canvases (landscape up to 32 x 48, anything else up to 48 x 48).
@@ -125,8 +125,8 @@ def test_inference_stages_on_8_devices_store_what_1_device_stores(voc_tiny_workd
   for devices in (8, 1):
     workdir = str(tmp_path / f"devices_{devices}")
     shutil.copytree(voc_tiny_workdir, workdir)
-    ctx = common.Context(config, workdir, mesh_lib.make_mesh())
-    ctx.local_mesh = mesh_lib.make_mesh(jax.local_devices()[:devices])
+    ctx = common.Context(config, workdir, sharding.make_mesh())
+    ctx.local_mesh = sharding.make_mesh(jax.local_devices()[:devices])
     for store in (ctx.files.cams, ctx.files.rw):
       shutil.rmtree(store.directory)
     with compilation.Compiles() as compiles:

@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
+from affinity_jax import sharding
 from affinity_jax.errors import UserError
-from affinity_jax.training import mesh as mesh_lib
 from affinity_jax.training.checkpoint import Checkpointer
 
 
@@ -21,8 +21,8 @@ def make_state(width=3):
 
 
 def test_round_trip_with_shardings_and_keep(tmp_path):
-  mesh = mesh_lib.make_mesh()
-  rep = mesh_lib.replicated(mesh)
+  mesh = sharding.make_mesh()
+  rep = sharding.replicated(mesh)
   state = jax.device_put(make_state(), rep)
   ckpt = Checkpointer(str(tmp_path / "ckpt"), keep=2, save_every=5)
   assert ckpt.latest_step() is None
@@ -70,7 +70,7 @@ def test_restore_model_reads_the_model_only(tmp_path):
   ckpt = Checkpointer(str(tmp_path / "ckpt"))
   ckpt.save(5, state, {"pos": 5})
   ckpt.wait()
-  rep = mesh_lib.replicated(mesh_lib.make_mesh())
+  rep = sharding.replicated(sharding.make_mesh())
   model_only = {k: state[k] for k in ("params", "rest")}
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
                           model_only)

@@ -4,11 +4,11 @@ import jax
 import numpy as np
 from flax import nnx
 
+from affinity_jax import sharding
 from affinity_jax.data import transforms
 from affinity_jax.models import heads
 from affinity_jax.ops import cam as cam_ops
 from affinity_jax.inference import cam as cam_inference
-from affinity_jax.training import mesh as mesh_lib
 
 
 def test_batched_cams_over_8_devices_equal_one_image_at_a_time():
@@ -19,7 +19,7 @@ def test_batched_cams_over_8_devices_equal_one_image_at_a_time():
                    labels=(rng.random(20) < 0.3).astype(np.uint8)) for _ in range(3)]
   scales = (1.0, 0.5)
   norm = model.backbone.normalization
-  forward, state = cam_inference.classifier_forward(model, mesh_lib.make_mesh())
+  forward, state = cam_inference.classifier_forward(model, sharding.make_mesh())
   # 3 images x 2 flips = 6 inputs per scale, padded to 8 and split over 8 devices.
   assert len(jax.tree.leaves(state)[0].sharding.device_set) == 8
   got = cam_inference.batched_cams(forward, state, examples, norm, scales)

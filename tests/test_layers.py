@@ -1,4 +1,5 @@
-"""The import rule of docs/design.md: no module imports a higher layer.
+"""The import rule of docs/design.md: no module imports a higher layer, and the
+packages of one layer import each other without a cycle.
 
 Every module of the package is parsed (not imported), and every `affinity_jax` import
 in it, function-level ones included, is checked against the layer table.
@@ -15,7 +16,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # Top-level module or folder of affinity_jax -> layer (docs/design.md, "Layers").
 LAYERS = {
     "errors": 0, "io": 0, "constants": 0, "runtime": 0, "config_lib": 0, "progress": 0,
-    "compilation": 0, "stopping": 0,
+    "compilation": 0, "stopping": 0, "sharding": 0,
     "ops": 1,
     "models": 2, "weights": 2,
     "data": 3, "training": 3, "labels": 3, "evaluation": 3, "workdir": 3, "defaults": 3,
@@ -57,6 +58,51 @@ def _imported_tops(source: str) -> set[str]:
   return tops
 
 
+def _sources() -> dict[str, str]:
+  """Path under affinity_jax/ -> source, for every module but the package's own."""
+  out = {}
+  for path in _modules():
+    if path != "__init__.py":
+      with open(os.path.join(ROOT, path)) as f:
+        out[path] = f.read()
+  return out
+
+
+def _same_layer_imports(sources: dict[str, str]) -> dict[str, set[str]]:
+  """Top-level module or folder -> the others of its layer that its modules import."""
+  edges = {}
+  for path, source in sources.items():
+    top = _top(path)
+    edges.setdefault(top, set()).update(
+        t for t in _imported_tops(source) if t != top and LAYERS[t] == LAYERS[top])
+  return edges
+
+
+def _cycle(edges: dict[str, set[str]]) -> list[str]:
+  """A cycle of `edges` as the path that closes it (`[a, b, a]`), or [] when none."""
+  done, path = set(), []
+
+  def visit(node):
+    if node in path:
+      return path[path.index(node):] + [node]
+    if node in done:
+      return []
+    path.append(node)
+    for nxt in sorted(edges.get(node, ())):
+      found = visit(nxt)
+      if found:
+        return found
+    path.pop()
+    done.add(node)
+    return []
+
+  for node in sorted(edges):
+    found = visit(node)
+    if found:
+      return found
+  return []
+
+
 def test_every_module_has_a_layer():
   unknown = {_top(p) for p in _modules() if p != "__init__.py"} - set(LAYERS)
   assert not unknown, f"add {sorted(unknown)} to LAYERS here and in docs/design.md"
@@ -77,3 +123,22 @@ def test_the_check_sees_function_level_and_package_imports():
             "import affinity_jax.inference.walk\n"
             "from . import sibling\n")
   assert _imported_tops(source) == {"io", "stages", "inference"}
+
+
+def test_no_cycle_between_packages_of_one_layer():
+  edges = _same_layer_imports(_sources())
+  cycle = _cycle(edges)
+  assert not cycle, f"packages of one layer import each other: {' -> '.join(cycle)}"
+
+
+def test_the_cycle_check_finds_a_cycle_through_a_third_package():
+  sources = {"data/a.py": "from affinity_jax.labels import b\n",
+             "labels/b.py": "def f():\n  import affinity_jax.evaluation.c\n",
+             "evaluation/c.py": "from affinity_jax.data import a\nfrom affinity_jax import io\n",
+             "io.py": ""}
+  edges = _same_layer_imports(sources)
+  assert edges == {"data": {"labels"}, "labels": {"evaluation"}, "evaluation": {"data"},
+                   "io": set()}
+  assert _cycle(edges) == ["data", "labels", "evaluation", "data"]
+  del sources["evaluation/c.py"]
+  assert _cycle(_same_layer_imports(sources)) == []

@@ -13,9 +13,9 @@ import pytest
 from flax import nnx
 
 from affinity_jax import defaults
+from affinity_jax import sharding
 from affinity_jax.errors import UserError
 from affinity_jax.training import loop, optim
-from affinity_jax.training import mesh as mesh_lib
 from affinity_jax.training.checkpoint import Checkpointer
 
 
@@ -64,7 +64,7 @@ class ToyBatches:
     self.pos += 1
     batch = {"x": r.normal(size=(self.batch_size, 6)).astype(np.float32),
              "y": r.integers(0, 3, self.batch_size).astype(np.int32)}
-    return mesh_lib.shard_batch(batch, self.mesh)
+    return sharding.shard_batch(batch, self.mesh)
 
   def get_state(self):
     return {"pos": self.pos}
@@ -89,17 +89,14 @@ def test_step_is_the_same_on_8_devices_and_on_1():
   assert jax.device_count() == 8
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
-    mesh = mesh_lib.make_mesh(devices)
+    mesh = sharding.make_mesh(devices)
     model = Toy(nnx.Rngs(0))
-    graphdef, params, rngs, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
-    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+    graphdef, params, rngs, rest = loop.split_model(model)
     config = toy_config()
     tx = optim.make_optimizer(params, config, ("backbone/conv/bias",))
     step = loop.make_train_step(graphdef, tx, loss_fn, optim.make_schedule(config),
-                                nnx.to_pure_dict(rngs), mesh)
-    rep = mesh_lib.replicated(mesh)
-    state = jax.device_put(dict(params=params, rest=rest, opt_state=tx.init(params),
-                                step=jnp.zeros((), jnp.int32)), rep)
+                                rngs, mesh)
+    state = loop.create_train_state(tx, params, rest, mesh)
     batches = ToyBatches(mesh)
     rng = jax.random.key(3)
     for _ in range(2):
@@ -120,15 +117,14 @@ def test_step_is_the_same_on_8_devices_and_on_1():
 def test_split_step_equals_value_and_grad_in_one_function():
   # The step runs its forward (jax.vjp) and backward as two executables; the result is
   # that of jax.value_and_grad and the optimiser in one, dropout and frozen bias included.
-  mesh = mesh_lib.make_mesh(jax.devices()[:1])
+  mesh = sharding.make_mesh(jax.devices()[:1])
   model = Toy(nnx.Rngs(0))
-  graphdef, params, rngs, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
-  params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+  graphdef, params, rngs, rest = loop.split_model(model)
   config = toy_config()
   frozen = ("backbone/conv/bias",)
   tx = optim.make_optimizer(params, config, frozen)
   step = loop.make_train_step(graphdef, tx, loss_fn, optim.make_schedule(config),
-                              nnx.to_pure_dict(rngs), mesh, frozen)
+                              rngs, mesh, frozen)
   rng = jax.random.key(3)
   batch = next(ToyBatches(mesh))
 
@@ -136,15 +132,14 @@ def test_split_step_equals_value_and_grad_in_one_function():
   def reference(params, opt_state):
     def loss_of(p):
       p = optim.stop_frozen_gradients(p, frozen)
-      m = nnx.merge(graphdef, nnx.State(p), nnx.State(nnx.to_pure_dict(rngs)), nnx.State(rest))
+      m = nnx.merge(graphdef, nnx.State(p), nnx.State(rngs), nnx.State(rest))
       return loss_fn(m, batch, jax.random.fold_in(rng, 0), train=True)
     (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return loss, metrics, optax.apply_updates(params, updates)
 
   want_loss, want_metrics, want_params = reference(params, tx.init(params))
-  state = jax.device_put(dict(params=params, rest=rest, opt_state=tx.init(params),
-                              step=jnp.zeros((), jnp.int32)), mesh_lib.replicated(mesh))
+  state = loop.create_train_state(tx, params, rest, mesh)
   state, metrics = step(state, batch, rng)
   np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-6)
   np.testing.assert_allclose(metrics["acc"], want_metrics["acc"])
@@ -159,7 +154,7 @@ def out(folder) -> loop.Output:
 
 
 def test_interrupted_training_resumes_to_the_same_result(tmp_path):
-  mesh = mesh_lib.make_mesh()
+  mesh = sharding.make_mesh()
   config = toy_config(steps=6, ckpt_every=2)
 
   full = loop.train(Toy(nnx.Rngs(0)), loss_fn, ToyBatches(mesh), config,
@@ -205,7 +200,7 @@ def test_interrupted_training_resumes_to_the_same_result(tmp_path):
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path, monkeypatch):
-  mesh = mesh_lib.make_mesh()
+  mesh = sharding.make_mesh()
   config = toy_config(steps=5, ckpt_every=100)
   full = loop.train(Toy(nnx.Rngs(0)), loss_fn, ToyBatches(mesh), config,
                     out(tmp_path / "full"), mesh=mesh)
@@ -256,7 +251,7 @@ sys.addaudithook(_full_disk)
 
 def test_a_checkpoint_the_disk_cannot_hold_is_one_line_and_resume_skips_it(tmp_path):
   global _FULL_DISK_UNDER
-  mesh = mesh_lib.make_mesh()
+  mesh = sharding.make_mesh()
   config = toy_config(steps=6, ckpt_every=2)
   full = loop.train(Toy(nnx.Rngs(0)), loss_fn, ToyBatches(mesh), config,
                     out(tmp_path / "full"), mesh=mesh)
@@ -286,7 +281,7 @@ def test_a_checkpoint_the_disk_cannot_hold_is_one_line_and_resume_skips_it(tmp_p
 def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, capsys, monkeypatch):
   # pytest's captured stderr is no terminal, like nohup or a CI log: timed plain lines.
   monkeypatch.setenv("AFFINITY_JAX_PROGRESS_S", "0")
-  mesh = mesh_lib.make_mesh()
+  mesh = sharding.make_mesh()
   config = toy_config(steps=3, progress=True)
   loop.train(Toy(nnx.Rngs(0)), loss_fn, ToyBatches(mesh), config, out(tmp_path / "aff"),
              mesh=mesh)
@@ -304,4 +299,4 @@ def test_input_positions_resume_per_process_and_only_with_as_many():
   assert loop._own_data_state({loop.PER_PROCESS: [{"pos": 5}]}, "d") == {"pos": 5}
   with pytest.raises(UserError, match=r"checkpoint d was saved by 2 process\(es\)"):
     loop._own_data_state({loop.PER_PROCESS: [{"pos": 1}, {"pos": 2}]}, "d")
-  assert mesh_lib.gather_json({"pos": 7}) == [{"pos": 7}]
+  assert sharding.gather_json({"pos": 7}) == [{"pos": 7}]

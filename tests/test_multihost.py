@@ -23,8 +23,8 @@ from flax import nnx
 from affinity_jax import config_lib
 from affinity_jax import workdir as workdir_layout
 from affinity_jax import launch
+from affinity_jax import sharding
 from affinity_jax.stages import common
-from affinity_jax.training import mesh as mesh_lib
 
 import voc_tiny
 
@@ -61,7 +61,7 @@ def _launch(workdir: str, *args: str, audit: str | None = None,
 def _context(workdir: str) -> common.Context:
   """The context of the run that wrote `workdir`, with its config."""
   return common.Context(workdir_layout.saved_config(workdir)[1], workdir,
-                        mesh_lib.make_mesh())
+                        sharding.make_mesh())
 
 
 def _params(ctx: common.Context, kind: str) -> list[np.ndarray]:

@@ -18,13 +18,13 @@ import voc_tiny
 from affinity_jax import config_lib
 from affinity_jax import workdir as workdir_layout
 from affinity_jax import constants
+from affinity_jax import sharding
 from affinity_jax.errors import UserError
 from affinity_jax.models import heads
 from affinity_jax.models.build import build_backbone
 from affinity_jax.inference import walk
 from affinity_jax.stages import common
 from affinity_jax.stages import pipeline
-from affinity_jax.training import mesh as mesh_lib
 from affinity_jax.training import optim
 from affinity_jax.weights import load
 
@@ -176,7 +176,7 @@ def test_inference_before_training_says_what_to_run(tmp_path):
 
 def test_aff_level_stages_on_a_backbone_without_them_is_one_line(tmp_path):
   config = config_lib.load_config("configs/scenes.py:tiny", {"aff.level_stages": "(2, 5)"})
-  ctx = common.Context(config, str(tmp_path), mesh_lib.make_mesh())
+  ctx = common.Context(config, str(tmp_path), sharding.make_mesh())
   with pytest.raises(UserError, match=r"backbone: bad options \{'level_stages': \(2, 5\)\} "
                      r"for 'tiny'"):
     ctx.make_model("aff", pretrained=False)
@@ -201,7 +201,7 @@ def test_voc_cpu_variant_end_to_end_keeps_the_frozen_layers_and_reports_label_qu
   # later test, and test_models).
   _, config = workdir_layout.saved_config(voc_tiny_workdir)
   assert config.cam.frozen == ("backbone",) and config.aff.frozen == voc_tiny.AFF_FROZEN
-  ctx = common.Context(config, voc_tiny_workdir, mesh_lib.make_mesh())
+  ctx = common.Context(config, voc_tiny_workdir, sharding.make_mesh())
   for kind, trains_in_backbone in (("cam", False), ("aff", True)):
     built, trained = ctx.make_model(kind, pretrained=False), ctx.trained_model(kind)
     before, after = nnx.state(built, nnx.Param), nnx.state(trained, nnx.Param)
@@ -225,7 +225,7 @@ def test_voc_cpu_variant_end_to_end_keeps_the_frozen_layers_and_reports_label_qu
 def test_voc_cpu_classifier_takes_the_packaged_imagenet_layer_for_its_prior(tmp_path):
   config = config_lib.load_config("configs/voc12_lite0.py:cpu_tiny")
   assert config.cam.imagenet_prior and config.model.pretrained == "imagenet"
-  ctx = common.Context(config, str(tmp_path), mesh_lib.make_mesh())
+  ctx = common.Context(config, str(tmp_path), sharding.make_mesh())
   model = ctx.make_model("cam")
   imagenet = build_backbone("lite0", rngs=nnx.Rngs(1), classifier=True)
   load.load_pretrained(imagenet, "imagenet", verbose=False)
@@ -236,7 +236,7 @@ def test_voc_cpu_classifier_takes_the_packaged_imagenet_layer_for_its_prior(tmp_
 def test_voc_cpu_affinitynet_trains_lite0s_last_block_and_head_conv_only(tmp_path):
   # The backbone's trainable parameters under :cpu's aff.frozen, on an abstract Lite0.
   config = config_lib.load_config("configs/voc12_lite0.py:cpu")
-  ctx = common.Context(config, str(tmp_path), mesh_lib.make_mesh())
+  ctx = common.Context(config, str(tmp_path), sharding.make_mesh())
   model = nnx.eval_shape(lambda: ctx.make_model("aff", pretrained=False))
   labels = optim.param_labels(nnx.state(model, nnx.Param), ctx.frozen_prefixes("aff", model))
   trained = {optim.path_str(path).split("/")[1]
@@ -269,9 +269,9 @@ def test_walk_split_over_8_devices_equals_one_device():
   x, grid, valid = walk.batch_inputs(images, grids, (32, 48))
   walk1, state1 = walk.walker(model, rw)
   want, _ = walk1(state1, x, grid, valid)
-  mesh = mesh_lib.make_mesh()
+  mesh = sharding.make_mesh()
   walk8, state8 = walk.walker(model, rw, mesh)
-  padded = [mesh_lib.pad_batch(a, 8) for a in (x, grid, valid)]
+  padded = [sharding.pad_batch(a, 8) for a in (x, grid, valid)]
   assert padded[0].shape[0] == 8
   got, _ = walk8(state8, *padded)
   assert len(got.sharding.device_set) == 8

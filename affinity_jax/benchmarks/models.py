@@ -11,7 +11,6 @@ batch. Times exclude compilation (reported separately). Prints a table and write
 """
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +19,9 @@ import optax
 from flax import nnx
 
 from affinity_jax import io as aio
+from affinity_jax import sharding
 from affinity_jax.benchmarks import timing
 from affinity_jax.models import CAMNet
-from affinity_jax.training import loop
-from affinity_jax.training import mesh as mesh_lib
 
 DEFAULT_BACKBONES = ("tiny", "lite0", "vgg16", "resnet38")
 
@@ -40,36 +38,20 @@ def bench(name: str, size: int, batch: int, iters: int) -> dict:
     logits, aux = nnx.merge(graphdef, params, rest)(x, train=False)
     return logits, aux["cams"]
 
-  frozen = model.backbone.frozen_prefixes
-  mesh = mesh_lib.make_mesh(jax.devices()[:1])
+  mesh = sharding.make_mesh(jax.devices()[:1])
 
   def loss_fn(model, batch, key, train):
     logits, _ = model(batch["image"], train=train, key=key)
     return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, batch["labels"])), {}
 
-  # Copies: the step donates its state, and the forward keeps using `params`.
-  train_params, rng_state, train_rest = jax.tree.map(jnp.copy, tuple(map(
-      nnx.to_pure_dict, nnx.split(model, nnx.Param, nnx.RngState, ...)[1:])))
-  tx = optax.sgd(1e-3)
-  train_step = loop.make_train_step(graphdef, tx, loss_fn, optax.constant_schedule(1e-3),
-                                    rng_state, mesh, frozen)
-  state = {"state": jax.device_put(
-      dict(params=train_params, rest=train_rest, opt_state=tx.init(train_params),
-           step=jnp.zeros((), jnp.int32)), mesh_lib.replicated(mesh))}
-  data = mesh_lib.shard_batch({"image": x, "labels": labels}, mesh)
-  key = jax.device_put(jax.random.key(0), mesh_lib.replicated(mesh))
+  # The train state is a copy: the step donates it, and the forward keeps using `params`.
+  step = timing.train_steps(model, lambda _: optax.sgd(1e-3), optax.constant_schedule(1e-3),
+                            loss_fn, mesh, model.backbone.frozen_prefixes)
+  data = sharding.shard_batch({"image": x, "labels": labels}, mesh)
+  one = lambda: step(data)
 
-  t0 = time.perf_counter()
-  jax.block_until_ready(forward(params, rest, x))
-  fwd_compile = time.perf_counter() - t0
-
-  def one():
-    state["state"], metrics = train_step(state["state"], data, key)
-    return metrics["loss"]
-
-  t0 = time.perf_counter()
-  jax.block_until_ready(one())
-  train_compile = time.perf_counter() - t0
+  fwd_compile = timing.first_call(lambda: forward(params, rest, x))
+  train_compile = timing.first_call(one)
   # Taken in turn, so that a machine whose speed drifts (a shared VM) slows both alike
   # and their ratio holds.
   times = timing.time_calls_alternately({"forward": lambda: forward(params, rest, x),

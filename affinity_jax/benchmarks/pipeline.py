@@ -39,6 +39,7 @@ from flax import nnx
 
 from affinity_jax import defaults
 from affinity_jax import io
+from affinity_jax import sharding
 from affinity_jax import workdir
 from affinity_jax.benchmarks import timing
 from affinity_jax.data import pipeline
@@ -51,8 +52,6 @@ from affinity_jax.inference import walk as walk_inference
 from affinity_jax.labels import crf
 from affinity_jax.models import heads
 from affinity_jax.training import losses
-from affinity_jax.training import loop
-from affinity_jax.training import mesh as mesh_lib
 from affinity_jax.training import optim
 
 STAGES = ("train_cam", "infer_cam", "crf", "train_aff", "infer_rw", "train_seg")
@@ -143,29 +142,11 @@ def make_trainer(kind: str, loss_fn, backbone: str, mesh):
   """
   config = defaults.base_config()[kind].train
   model = _NETS[kind](backbone, rngs=nnx.Rngs(0))
-  graphdef, params, rng_state, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
-  params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
   frozen = model.backbone.frozen_prefixes
-  normalization = model.backbone.normalization
-  tx = optim.make_optimizer(params, config, frozen)
-  replicated = mesh_lib.replicated(mesh)
-
-  def init_state(params, rest):
-    return dict(params=params, rest=rest, opt_state=tx.init(params),
-                step=jnp.zeros((), jnp.int32))
-
-  host = jax.tree.map(lambda x: jax.device_put(np.asarray(x), replicated), (params, rest))
-  holder = {"state": jax.jit(init_state, out_shardings=replicated)(*host)}
-  del model, params, rest, host
-  step_fn = loop.make_train_step(graphdef, tx, loss_fn, optim.make_schedule(config),
-                                 nnx.to_pure_dict(rng_state), mesh, frozen)
-  rng = jax.device_put(jax.random.key(0), replicated)
-
-  def step(batch):
-    holder["state"], metrics = step_fn(holder["state"], batch, rng)
-    return metrics["loss"]
-
-  return step, config, normalization
+  step = timing.train_steps(
+      model, lambda params: optim.make_optimizer(params, config, frozen),
+      optim.make_schedule(config), loss_fn, mesh, frozen)
+  return step, config, model.backbone.normalization
 
 
 def bench_train(kind: str, loss_fn, backbone: str, batch: int, crop: int, repeats: int,
@@ -174,12 +155,9 @@ def bench_train(kind: str, loss_fn, backbone: str, batch: int, crop: int, repeat
   if batch % mesh.size:
     raise UserError(f"--{kind}-batch={batch} is not a multiple of the {mesh.size} devices")
   step, config, _ = make_trainer(kind, loss_fn, backbone, mesh)
-  data = mesh_lib.shard_batch(_train_batch(kind, batch, crop, np.random.default_rng(0)), mesh)
+  data = sharding.shard_batch(_train_batch(kind, batch, crop, np.random.default_rng(0)), mesh)
   one = lambda: step(data)
-
-  t0 = time.perf_counter()
-  jax.block_until_ready(one())
-  compile_s = time.perf_counter() - t0
+  compile_s = timing.first_call(one)
   sec, loss = timing.time_call(one, repeats, warmup=False)
   if not np.isfinite(float(loss)):
     raise FloatingPointError(f"train_{kind}: loss {float(loss)}")
@@ -209,9 +187,7 @@ def bench_infer_cam(backbone: str, image: np.ndarray, scales,
     cams = cam_inference.multiscale_cams(forward, state, example, norm, scales, canvases)
     store.save("x", cams[..., keys - 1], keys)
 
-  t0 = time.perf_counter()
-  stage()
-  compile_s = time.perf_counter() - t0
+  compile_s = timing.first_call(stage)
   jax.block_until_ready([forward(state, x) for x in inputs])
   t = timing.time_calls_alternately(
       dict(stage=stage, forwards=lambda: [forward(state, x) for x in inputs]), repeats)
@@ -274,9 +250,7 @@ def bench_infer_rw(backbone: str, image: np.ndarray, cams: np.ndarray, batches,
     xs, gs, valid = walk_inference.batch_inputs([x] * b, [grid] * b, canvas)
     gh, gw = valid.shape[1:]
     args = (state, *map(jnp.asarray, (xs, gs, valid)))
-    t0 = time.perf_counter()
-    jax.block_until_ready(walk(*args))
-    compile_s = time.perf_counter() - t0
+    compile_s = timing.first_call(lambda: walk(*args))
     sec, _ = timing.time_call(lambda: walk(*args), repeats, warmup=False)
     rows.append(_row("infer_rw", f"forward + walk t={rw.t}, grid {grid.shape[0]}x"
                      f"{grid.shape[1]} in {gh}x{gw}", b, sec, compile_s,
@@ -401,7 +375,7 @@ def main(argv=None):
   h, w = _size(a.image)
   image = synthetic_image(h, w)
   cams = synthetic_cams(h, w, len(PRESENT))
-  mesh = mesh_lib.make_mesh()
+  mesh = sharding.make_mesh()
   base = defaults.base_config()
   info = timing.device_info()
   print(f"backbone {a.backbone} on {info['devices']} x {info['device']} ({info['host']}), "

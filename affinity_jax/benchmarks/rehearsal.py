@@ -59,6 +59,7 @@ from PIL import Image
 from affinity_jax import compilation
 from affinity_jax import defaults
 from affinity_jax import io
+from affinity_jax import sharding
 from affinity_jax import workdir
 from affinity_jax.benchmarks import inputs
 from affinity_jax.benchmarks import pipeline as bench
@@ -73,7 +74,6 @@ from affinity_jax.inference import walk
 from affinity_jax.labels import crf
 from affinity_jax.models import heads
 from affinity_jax.stages import common
-from affinity_jax.training import mesh as mesh_lib
 
 STAGES = ("train_cam", "infer_cam", "aff_labels", "train_aff", "infer_rw", "train_seg",
           "eval_seg")
@@ -364,8 +364,8 @@ def main(argv=None):
   p.add_argument("--out", default="rehearsal.json")
   a = p.parse_args(argv)
 
-  mesh = mesh_lib.make_mesh()
-  local_mesh = mesh_lib.make_mesh(jax.local_devices())
+  mesh = sharding.make_mesh()
+  local_mesh = sharding.make_mesh(jax.local_devices())
   canvases = canvas_lib.Canvases.from_config(base.data)
   sizes = draw_sizes(a.images, a.seed, canvases)
   images = [bench.synthetic_image(h, w, a.seed + i) for i, (h, w) in enumerate(sizes)]

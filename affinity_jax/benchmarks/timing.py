@@ -4,9 +4,14 @@ import platform
 import resource
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import optax
+from flax import nnx
+
+from affinity_jax import sharding
+from affinity_jax.training import loop
 
 
 def time_call(fn: Callable[[], Any], repeats: int, warmup: bool = True) -> tuple[float, Any]:
@@ -29,6 +34,46 @@ def time_call(fn: Callable[[], Any], repeats: int, warmup: bool = True) -> tuple
     out = jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
   return statistics.median(times), out
+
+
+def first_call(fn: Callable[[], Any]) -> float:
+  """Wall seconds of one call of `fn()`, waited for with `block_until_ready`: a jitted
+  function's first call, so its compilation included."""
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - t0
+
+
+def train_steps(model: nnx.Module, make_tx: Callable[[dict], optax.GradientTransformation],
+                schedule: optax.Schedule, loss_fn: loop.LossFn, mesh: jax.sharding.Mesh,
+                frozen_prefixes: Sequence[str] = ()) -> Callable[[Mapping], jax.Array]:
+  """The training loop's own step on `model`, as `loop.train` sets it up.
+
+  Args:
+    model: the network; its variables are copied into a fresh train state
+      (`loop.create_train_state`), so it stays usable.
+    make_tx: the optimiser of the model's parameters (pure dict).
+    schedule: the learning rate the step reports.
+    loss_fn: as `loop.train`'s.
+    mesh: the state is replicated on it, batches are split over it.
+    frozen_prefixes: parameter paths that receive no updates.
+
+  Returns:
+    `step(batch) -> loss`: one jitted step (`loop.make_train_step`, donated state) on a
+    batch of global arrays split on the mesh; each call keeps the new state for the next.
+  """
+  graphdef, params, rng_state, rest = loop.split_model(model)
+  tx = make_tx(params)
+  holder = {"state": loop.create_train_state(tx, params, rest, mesh)}
+  step_fn = loop.make_train_step(graphdef, tx, loss_fn, schedule, rng_state, mesh,
+                                 frozen_prefixes)
+  rng = jax.device_put(jax.random.key(0), sharding.replicated(mesh))
+
+  def step(batch):
+    holder["state"], metrics = step_fn(holder["state"], batch, rng)
+    return metrics["loss"]
+
+  return step
 
 
 def time_calls_alternately(fns: dict[str, Callable[[], Any]],

@@ -35,9 +35,10 @@ from typing import Any, Callable, Iterator
 import grain.python as grain
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from affinity_jax import constants
+from affinity_jax import sharding
 from affinity_jax.data import transforms
 from affinity_jax.errors import UserError
 
@@ -215,16 +216,16 @@ class GlobalBatches:
                process_count: int | None = None):
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
-    data_size = mesh.shape["data"]
+    data_size = mesh.shape[sharding.DATA_AXIS]
     if batch_size % self.process_count or batch_size % data_size:
       raise UserError(f"batch_size: {batch_size} is not divisible by the process count "
-                      f"{self.process_count} and the 'data' axis size {data_size}")
+                      f"{self.process_count} and the {sharding.DATA_AXIS!r} axis size {data_size}")
     if len(source) < batch_size:
       raise UserError(f"batch_size: {batch_size} exceeds the {len(source)} examples of {source}")
     self.mesh = mesh
     self.batch_size = batch_size
     self.local_batch_size = batch_size // self.process_count
-    self.sharding = NamedSharding(mesh, PartitionSpec("data"))
+    self.sharding = sharding.data_sharding(mesh)
     self._loader_args = (source, transform, batch_size, num_epochs, shuffle, seed,
                          drop_remainder)
     self.steps_per_epoch = len(source) // batch_size

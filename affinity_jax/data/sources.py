@@ -14,7 +14,7 @@ grain's worker processes.
 import io
 import os
 import threading
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -163,6 +163,31 @@ class DecodedSource:
 
   def __repr__(self) -> str:
     return f"DecodedSource({self._args[0]}, {self._args[1]}, n={self._length})"
+
+
+class ById:
+  """The examples of several splits by image id; the first split holding an id wins."""
+
+  def __init__(self, splits: Sequence[DecodedSource]):
+    self._splits = tuple(splits)
+    self._index = None  # image id -> (split, record index), built on first use.
+
+  def _lookup(self) -> dict[str, tuple[DecodedSource, int]]:
+    if self._index is None:
+      self._index = {}
+      for split in self._splits:
+        for i, image_id in enumerate(split.ids()):
+          self._index.setdefault(image_id, (split, i))
+    return self._index
+
+  def ids(self) -> list[str]:
+    """Every id once, in split order."""
+    return list(self._lookup())
+
+  def __getitem__(self, image_id: str) -> dict:
+    """The decoded example `image_id` (docs/design.md)."""
+    split, i = self._lookup()[image_id]
+    return split[i]
 
 
 def open_split(dataset: str, split: str, data_dir: str, **params: Any) -> DecodedSource:

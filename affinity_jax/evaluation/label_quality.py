@@ -16,7 +16,7 @@ The first thing to read when the random walk does not help: AffinityNet can only
 affinities as right as these labels.
 """
 
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 
@@ -108,12 +108,6 @@ def summarize(counts: Iterable[dict]) -> dict:
     out["pairs"][kind] = {"count": known, "precision": ratio(right, known),
                           "recall": ratio(right, true)}
   return out
-
-
-def measure(ids: Iterable[str], load_crf: Callable, load_mask: Callable,
-            offsets: np.ndarray, border: str = "full") -> dict:
-  """`summarize` over images: `load_crf(id) -> (la, ha, keys)`, `load_mask(id) -> mask`."""
-  return summarize(image_counts(*load_crf(i), load_mask(i), offsets, border) for i in ids)
 
 
 def table(quality: dict) -> str:

@@ -8,13 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from affinity_jax import constants
+from affinity_jax import sharding
 from affinity_jax.data import transforms
 from affinity_jax.inference import STRIDE
 from affinity_jax.inference import canvas as canvas_lib
 from affinity_jax.inference import resize
 from affinity_jax.ops import cam as cam_ops
-from affinity_jax.training import mesh as mesh_lib
 
 
 class Classifier:
@@ -67,7 +66,7 @@ class Classifier:
     """
     x, _ = transforms.pad_to_multiple(transforms.normalize(image, self.normalization),
                                       STRIDE, 0.0)
-    x = mesh_lib.pad_batch(x[None], _device_count(self.state))
+    x = sharding.pad_batch(x[None], _device_count(self.state))
     logits, _ = self.forward(self.state, _to_devices(x, self.state))
     probs = np.asarray(jax.nn.sigmoid(logits[0]))
     present = probs > threshold
@@ -84,9 +83,9 @@ def _to_devices(x: np.ndarray, state) -> jax.Array:
   """x placed as the forward of `state` takes it: split over the mesh `state` is
   replicated on, else on the default device. Placed directly, not resharded by a
   program compiled per shape (`jnp.asarray` also compiles one)."""
-  sharding = jax.tree.leaves(state)[0].sharding
-  if isinstance(sharding, jax.sharding.NamedSharding):
-    return jax.device_put(x, mesh_lib.data_sharding(sharding.mesh))
+  placed = jax.tree.leaves(state)[0].sharding
+  if isinstance(placed, jax.sharding.NamedSharding):
+    return jax.device_put(x, sharding.data_sharding(placed.mesh))
   return jax.device_put(x)
 
 
@@ -108,7 +107,7 @@ def classifier_forward(model, mesh=None):
     logits, aux = nnx.merge(graphdef, state)(x, train=False)
     return logits, aux["cams"]
 
-  return mesh_lib.jit_over_batch(forward, state, mesh)
+  return sharding.jit_over_batch(forward, state, mesh)
 
 
 def multiscale_inputs(image: np.ndarray, normalization: str,
@@ -184,14 +183,14 @@ def batched_cams(forward, state, examples: list[dict], normalization: str,
     x = np.concatenate([np.concatenate([inputs[i][0], inputs[i + 1][0]])
                         for inputs in passes])
     x = np.pad(x, [(0, 2 * max(0, slots - len(examples)))] + [(0, 0)] * 3)
-    outs.append(forward(state, _to_devices(mesh_lib.pad_batch(x, multiple), state))[1])
+    outs.append(forward(state, _to_devices(sharding.pad_batch(x, multiple), state))[1])
   outs = [np.asarray(out) for out in outs]   # After all calls are dispatched.
   merged = []
   for b, (example, inputs, size) in enumerate(zip(examples, passes, sizes)):
     present = np.flatnonzero(example["labels"])
     cams = [out[2 * b + f][..., present] for out in outs for f in (0, 1)]
     plan = [p for _, p in inputs]
-    merged.append(full_cams(merge_present(cams, plan, size), present + 1))
+    merged.append(cam_ops.full_cams(merge_present(cams, plan, size), present + 1))
   return merged
 
 
@@ -225,10 +224,3 @@ def merge_present(cams: list[np.ndarray], plan, size: tuple[int, int],
     total += rows @ np.moveaxis(cam.astype(np.float32), -1, 0) @ cols.T
   total /= total.max(axis=(1, 2), keepdims=True) + 1e-5
   return np.ascontiguousarray(np.moveaxis(total, 0, -1))
-
-
-def full_cams(cams: np.ndarray, keys: np.ndarray) -> np.ndarray:
-  """[H, W, k] maps of label ids `keys` -> [H, W, 20] with zeros for absent classes."""
-  out = np.zeros(cams.shape[:2] + (constants.NUM_CLASSES,), np.float32)
-  out[..., np.asarray(keys) - 1] = cams
-  return out

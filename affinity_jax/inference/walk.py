@@ -12,13 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from affinity_jax import sharding
 from affinity_jax.data import transforms
 from affinity_jax.errors import UserError
 from affinity_jax.inference import STRIDE
 from affinity_jax.inference import canvas as canvas_lib
 from affinity_jax.inference import resize
 from affinity_jax.ops import random_walk
-from affinity_jax.training import mesh as mesh_lib
 
 
 class Walker:
@@ -42,7 +42,7 @@ class Walker:
     self.canvases = canvases
     self.devices = 1 if mesh is None else mesh.size
     # Batches go straight to their devices (no resharding program per shape).
-    self.sharding = None if mesh is None else mesh_lib.data_sharding(mesh)
+    self.sharding = None if mesh is None else sharding.data_sharding(mesh)
     # Every call holds this many images (zero images fill the rest): one program per
     # canvas.
     self.batch_size = -(-rw_config.batch_size // self.devices) * self.devices
@@ -193,12 +193,12 @@ def walker(model, rw_config, mesh=None):
   if mesh is not None and mesh.size == 1:
     mesh = None   # One device: `propagate` keeps its own jit (with the CPU options).
   if mesh is not None:
-    batch = jax.sharding.PartitionSpec(mesh_lib.DATA_AXIS)
+    batch = jax.sharding.PartitionSpec(sharding.DATA_AXIS)
     # Per-image work without collectives; check_vma=False lets the ops' loops start from
     # plain (unvarying) zeros.
     propagate = jax.jit(jax.shard_map(propagate, mesh=mesh, in_specs=(batch,) * 3,
                                       out_specs=batch, check_vma=False))
-  embed, state = mesh_lib.jit_over_batch(
+  embed, state = sharding.jit_over_batch(
       lambda state, x: nnx.merge(graphdef, state)(x, train=False)[0], state, mesh)
   scales = checked_scales(r.scales)
 

@@ -11,6 +11,9 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from affinity_jax import constants
 
 SCALES = (1.0, 0.5, 1.5, 2.0)
 
@@ -141,3 +144,13 @@ def cam_label_map(cams: jnp.ndarray, bg_threshold: float) -> jnp.ndarray:
   """
   bg = jnp.full(cams.shape[:-1] + (1,), bg_threshold, cams.dtype)
   return jnp.argmax(jnp.concatenate([bg, cams], axis=-1), axis=-1).astype(jnp.uint8)
+
+
+def full_cams(cams: np.ndarray, keys: np.ndarray) -> np.ndarray:
+  """[H, W, k] maps of label ids `keys` -> [H, W, 20] with zeros for absent classes.
+
+  NumPy, on the host: stored CAMs keep only the present classes (`Workdir.cams`).
+  """
+  out = np.zeros(cams.shape[:2] + (constants.NUM_CLASSES,), np.float32)
+  out[..., np.asarray(keys) - 1] = cams
+  return out

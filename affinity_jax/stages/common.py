@@ -9,15 +9,15 @@ import ml_collections
 from flax import nnx
 
 from affinity_jax import io
+from affinity_jax import sharding
 from affinity_jax.data import sources
+from affinity_jax.errors import UserError
 from affinity_jax.inference import cam
 from affinity_jax.inference import canvas
 from affinity_jax.inference import segment
 from affinity_jax.inference import walk
 from affinity_jax.models import heads
 from affinity_jax.training import loop
-from affinity_jax.training import mesh as mesh_lib
-from affinity_jax.errors import UserError
 from affinity_jax.workdir import Workdir
 
 
@@ -69,24 +69,19 @@ class Context:
     data = self.config.data
     return tuple(dict.fromkeys((data.label_split, data.eval_split)))
 
-  @functools.cache
-  def _index(self, splits: tuple[str, ...]) -> dict[str, tuple[str, int]]:
-    """image id -> (split, record index), the first split holding it wins."""
-    index = {}
-    for name in splits:
-      for i, image_id in enumerate(self.split(name).ids()):
-        index.setdefault(image_id, (name, i))
-    return index
+  @functools.cached_property
+  def examples(self) -> sources.ById:
+    """The examples of the label splits by image id, the first split holding it wins."""
+    return sources.ById([self.split(name) for name in self.label_splits()])
 
   def label_ids(self, only_mine: bool = True) -> list[str]:
     """Ids of the label splits (each once); by default only this process's share."""
-    ids = list(self._index(self.label_splits()))
+    ids = self.examples.ids()
     return ids[jax.process_index()::jax.process_count()] if only_mine else ids
 
   def example(self, image_id: str) -> dict:
     """The decoded example `image_id` of the label splits."""
-    name, i = self._index(self.label_splits())[image_id]
-    return self.split(name)[i]
+    return self.examples[image_id]
 
   def make_model(self, kind: str, pretrained: bool = True) -> nnx.Module:
     """A fresh network: kind is "cam", "aff" or "seg"; with `model.pretrained` loaded
@@ -116,7 +111,7 @@ class Context:
     model = self.make_model(kind, pretrained=False)  # The checkpoint holds every weight.
     # On this host's devices: every host infers its own images.
     return self.files.checkpoints(kind).load(model, self.config[kind].train.steps,
-                                             mesh_lib.replicated(self.local_mesh))
+                                             sharding.replicated(self.local_mesh))
 
   def trained(self, kind: str) -> bool:
     """Whether the training stage of network `kind` ("cam", "aff", "seg") has finished."""
@@ -126,7 +121,7 @@ class Context:
   def local_mesh(self) -> jax.sharding.Mesh:
     """This host's devices: inference splits its batches over them (every host infers
     its own images)."""
-    return mesh_lib.make_mesh(jax.local_devices())
+    return sharding.make_mesh(jax.local_devices())
 
   @functools.cached_property
   def canvases(self) -> canvas.Canvases:

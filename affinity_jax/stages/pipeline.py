@@ -11,6 +11,7 @@ import ml_collections
 
 from affinity_jax import compilation
 from affinity_jax import io
+from affinity_jax import sharding
 from affinity_jax import stopping
 from affinity_jax import workdir as workdir_layout
 from affinity_jax.errors import UserError
@@ -20,7 +21,6 @@ from affinity_jax.stages import common
 from affinity_jax.stages import evaluate
 from affinity_jax.stages import random_walk
 from affinity_jax.stages import segmentation
-from affinity_jax.training import mesh as mesh_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,32 +52,32 @@ def run(config: ml_collections.ConfigDict, config_name: str, workdir: str,
   is there without writing to it (`read_only_eval`). SIGTERM or SIGINT stops the run at
   the next step or image with its work kept (`affinity_jax.stopping`).
   """
-  mesh_lib.maybe_initialize_distributed(config)
+  sharding.maybe_initialize_distributed(config)
   # Several hosts share the workdir: process 0 writes what is not per-image.
   first = jax.process_index() == 0
   with contextlib.ExitStack() as stack:
     busy = _lock(workdir, stack)
     if busy is not None and mode == "eval":
       workdir_layout.claim(config, workdir, config_name, write=False)
-      return read_only_eval(common.Context(config, workdir, mesh_lib.make_mesh()), busy)
+      return read_only_eval(common.Context(config, workdir, sharding.make_mesh()), busy)
     if busy is not None:
       raise busy
     stack.enter_context(stopping.handling_signals())
     if jax.process_count() > 1:  # Every host stops at its next image or step.
-      stack.enter_context(stopping.share_with_peers(mesh_lib.publish_stop,
-                                                    mesh_lib.published_stop))
+      stack.enter_context(stopping.share_with_peers(sharding.publish_stop,
+                                                    sharding.published_stop))
     workdir_layout.claim(config, workdir, config_name, write=first)
-    ctx = common.Context(config, workdir, mesh_lib.make_mesh())
+    ctx = common.Context(config, workdir, sharding.make_mesh())
     if first or ctx.datasets_per_host:
       with io.writing(ctx.data_dir):
         ctx.prepare_data()
-    mesh_lib.sync("prepare_data")
+    sharding.sync("prepare_data")
     for stage in STAGES:
       if mode not in ("all", stage.name):
         continue
       _stop_if_requested(f"before {stage.name}")
       # Every host runs or skips a stage together (training steps are collective).
-      if mode == "all" and mesh_lib.all_processes(stage.done(ctx)):
+      if mode == "all" and sharding.all_processes(stage.done(ctx)):
         print(f"[{stage.name}] done already, skipped", flush=True)
         continue
       start = time.perf_counter()
@@ -90,7 +90,7 @@ def run(config: ml_collections.ConfigDict, config_name: str, workdir: str,
         raise
       # A host done with its images stops with the others rather than wait for them here.
       stopping.stop_if_requested(f"after {stage.name}, its outputs stored")
-      mesh_lib.sync(stage.name)
+      sharding.sync(stage.name)
       print(f"[{stage.name}] finished in {time.perf_counter() - start:.1f} s; {compiles}",
             flush=True)
   return ctx
@@ -115,7 +115,7 @@ def _lock(workdir: str, stack: contextlib.ExitStack) -> workdir_layout.InUse | N
     except UserError as e:
       outcome, error = "failed", e
   # The other hosts learn process 0's outcome (and the holder), so all go on or stop.
-  outcome, holder = mesh_lib.gather_json(
+  outcome, holder = sharding.gather_json(
       [outcome, error.holder if isinstance(error, workdir_layout.InUse) else None])[0]
   if outcome == "busy":
     return error or workdir_layout.InUse(workdir, holder or {})
@@ -137,6 +137,6 @@ def read_only_eval(ctx: common.Context, busy: workdir_layout.InUse) -> common.Co
 
 def _stop_if_requested(what: str) -> None:
   """Between stages: stops every process when a signal reached any of them."""
-  signum = max(mesh_lib.gather_json(stopping.requested()))
+  signum = max(sharding.gather_json(stopping.requested()))
   if signum:
     raise stopping.stopped(what, signum)

@@ -24,10 +24,10 @@ import optax
 from flax import nnx
 
 from affinity_jax import io
+from affinity_jax import sharding
 from affinity_jax import stopping
 from affinity_jax.errors import UserError
 from affinity_jax.progress import Progress
-from affinity_jax.training import mesh as mesh_lib
 from affinity_jax.training import optim
 from affinity_jax.training.checkpoint import Checkpointer
 
@@ -70,7 +70,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   Lite0 block): the Lite0 step at 192 px took ~20% longer (docs/models.md). A run over
   several processes keeps one executable (see below).
   """
-  replicated = mesh_lib.replicated(mesh)
+  replicated = sharding.replicated(mesh)
 
   def forward(state, batch, rng):
     key = jax.random.fold_in(rng, state["step"])
@@ -97,7 +97,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   def chain(forward, backward):
     return lambda state, batch, rng: backward(state, *forward(state, batch, rng))
 
-  in_shardings = (replicated, mesh_lib.data_sharding(mesh), replicated)
+  in_shardings = (replicated, sharding.data_sharding(mesh), replicated)
   if jax.process_count() > 1:
     # Across processes: one executable. Split, a process whose peer had died hung in
     # its next forward call (in runs that went on, some steps' forward took 2 s instead
@@ -109,16 +109,44 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                jax.jit(backward, out_shardings=(replicated, replicated), donate_argnums=(0,)))
 
 
-def _state_fns(tx: optax.GradientTransformation, params: dict, rest: dict,
-               sharding: jax.sharding.Sharding) -> tuple[Callable, Any]:
-  """The train state's constructor and its abstract (shape, dtype, sharding) tree."""
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict, dict]:
+  """`model` as the train step takes it: (graphdef, params, rng_state, rest).
+
+  `params` are its `nnx.Param`s, `rng_state` its `nnx.RngState` (passed through, never
+  saved) and `rest` every other variable, each a pure dict of arrays.
+  """
+  graphdef, params, rng_state, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
+  return graphdef, _pure(params), _pure(rng_state), _pure(rest)
+
+
+def create_train_state(tx: optax.GradientTransformation, params: dict, rest: dict,
+                       mesh: jax.sharding.Mesh, abstract: bool = False) -> dict:
+  """The train state at step 0, replicated on `mesh`: what `make_train_step` takes.
+
+  Args:
+    tx: the optimiser; its state is `tx.init(params)`.
+    params, rest: pure dicts of the model's variables (`split_model`).
+    mesh: the mesh the state is replicated on.
+    abstract: return only the state's shapes, dtypes and shardings (what a checkpoint
+      is restored into), computing nothing.
+
+  Returns:
+    `{"params", "rest", "opt_state", "step"}`, the arrays new buffers (the model's own
+    are never donated): made from host copies, so also valid on several hosts as long
+    as each holds the same values.
+  """
+  replicated = sharding.replicated(mesh)
+
   def init_state(params, rest):
     return dict(params=params, rest=rest, opt_state=tx.init(params),
                 step=jnp.zeros((), jnp.int32))
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-      jax.eval_shape(init_state, params, rest))
-  return init_state, abstract
+
+  if abstract:
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        jax.eval_shape(init_state, params, rest))
+  host = jax.tree.map(lambda x: jax.device_put(np.asarray(x), replicated), (params, rest))
+  return jax.jit(init_state, out_shardings=replicated)(*host)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,17 +171,13 @@ def _restore_or_init(ckpt: Checkpointer, tx: optax.GradientTransformation, param
   The newest checkpoint, with `batches` moved to the position saved with it; or, when
   there is none, a fresh state at step 0 made from `params` and `rest`.
   """
-  replicated = mesh_lib.replicated(mesh)
-  init_state, abstract = _state_fns(tx, params, rest, replicated)
   start = ckpt.latest_step()
   if start is not None:
-    state, data_state = ckpt.restore(abstract, start)
+    state, data_state = ckpt.restore(
+        create_train_state(tx, params, rest, mesh, abstract=True), start)
     batches.set_state(_own_data_state(data_state, ckpt.directory))
     return state, start
-  # Through host memory: fresh global buffers (the model's own are never donated), and
-  # valid on several hosts as long as each holds the same values.
-  host = jax.tree.map(lambda x: jax.device_put(np.asarray(x), replicated), (params, rest))
-  return jax.jit(init_state, out_shardings=replicated)(*host), 0
+  return create_train_state(tx, params, rest, mesh), 0
 
 
 PER_PROCESS = "per_process"  # Key of the input positions of a multi-host checkpoint.
@@ -168,7 +192,7 @@ def _data_state(batches: BatchIterator) -> Any:
   state = batches.get_state()
   if jax.process_count() == 1:
     return state
-  return {PER_PROCESS: mesh_lib.gather_json(state)}
+  return {PER_PROCESS: sharding.gather_json(state)}
 
 
 def _own_data_state(saved: Any, directory: str) -> Any:
@@ -290,7 +314,7 @@ class _StopVote:
     if jax.process_count() == 1:
       return stopping.requested()
     previous = self._pending
-    self._pending = mesh_lib.max_over_processes(stopping.requested(), self._mesh)
+    self._pending = sharding.max_over_processes(stopping.requested(), self._mesh)
     return 0 if previous is None else int(np.asarray(previous.addressable_data(0)))
 
 
@@ -325,16 +349,15 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: An
   Returns:
     `model`, updated in place with the trained variables.
   """
-  mesh = mesh_lib.make_mesh() if mesh is None else mesh
+  mesh = sharding.make_mesh() if mesh is None else mesh
   steps = int(config.steps)
   with io.writing(out.checkpoints):
     io.makedirs(os.path.dirname(out.metrics))
-  graphdef, params, rng_state, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
-  params, rest = _pure(params), _pure(rest)
+  graphdef, params, rng_state, rest = split_model(model)
   tx = optim.make_optimizer(params, config, frozen_prefixes)
   train_step = make_train_step(graphdef, tx, loss_fn, optim.make_schedule(config),
-                               _pure(rng_state), mesh, frozen_prefixes)
-  rng = mesh_lib.replicated_key(int(config.seed), mesh)
+                               rng_state, mesh, frozen_prefixes)
+  rng = sharding.replicated_key(int(config.seed), mesh)
 
   with Checkpointer(out.checkpoints, keep=config.keep, save_every=config.ckpt_every) as ckpt:
     state, step = _restore_or_init(ckpt, tx, params, rest, batches, mesh)

@@ -1,9 +1,12 @@
-"""Devices, shardings and multi-host start-up for training and inference.
+"""The device mesh, its axis name, shardings, batch placement and multi-host start-up.
 
-Everything runs on one 1-D mesh over all devices with the axis `data`: batches are
-split along their first dimension, parameters and optimiser state are replicated.
-On a TPU pod slice or several GPU hosts, `maybe_initialize_distributed` must run
-before anything else touches JAX so that `jax.devices()` lists every host's devices.
+Everything runs on one 1-D mesh over all devices with the axis `DATA_AXIS`: batches are
+split along their first dimension, parameters and optimiser state are replicated. The
+input pipeline, the training loop, inference and the stages all place their arrays
+through this module. On a TPU pod slice or several GPU hosts,
+`maybe_initialize_distributed` must run before anything else touches JAX so that
+`jax.devices()` lists every host's devices; the other multi-host helpers (barriers,
+gathers, the shared stop signal) are here too.
 """
 
 import functools
@@ -189,7 +192,7 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
   Args:
     batch: dict of host-local NumPy arrays, each `[B_local, ...]`; the global batch
       is the concatenation over hosts in process order.
-    mesh: the training mesh.
+    mesh: the mesh the batch is split over.
 
   Returns:
     dict of `jax.Array`s `[B_local * num_processes, ...]` sharded on `data`.
