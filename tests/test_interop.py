@@ -340,3 +340,24 @@ def test_a_network_file_for_another_network_is_refused(reference):
                             "the trained resnet38 CAMNet (e.g. classifier/kernel)"), message
   with pytest.raises(UserError, match="cam.weights: .* holds no training checkpoint"):
     common.load_trained(model, os.path.dirname(reference["paths"]["aff"]), "cam")
+
+
+@pytest.mark.slow
+def test_refine_is_the_walk_stage_on_one_image(tiny_workdir):
+  """`affinity_jax.refine` on an image in memory gives the label infer_rw stored."""
+  import affinity_jax
+  from affinity_jax import demo
+  ctx = demo.open_workdir(tiny_workdir, run=False)
+  walker = ctx.walker()
+  ids = demo.image_ids(ctx)[:3]
+  for image_id in ids:
+    image = ctx.example(image_id)["image"]
+    cams, keys = ctx.files.cams.load(image_id)
+    as_psa = {int(k) - 1: cams[..., i] for i, k in enumerate(keys)}
+    np.testing.assert_array_equal(affinity_jax.refine(image, as_psa, walker),
+                                  ctx.files.rw.load(image_id))
+  # The store's form, from the network itself and the workdir's walk settings.
+  got = affinity_jax.refine(image, (cams, keys), ctx.trained_model("aff"), ctx.config.rw)
+  np.testing.assert_array_equal(got, ctx.files.rw.load(image_id))
+  with pytest.raises(UserError, match=r"cams: CAMs are 5x5 \(H x W\) but the image is"):
+    affinity_jax.refine(image, {0: np.zeros((5, 5))}, walker)

@@ -240,15 +240,41 @@ def read(path_: str, fmt: str, size: tuple[int, int] | None = None
       or not of `size`, NaN or infinite values, values outside [0, 1].
   """
   indices, cams = _parse(path_, checked_format(fmt))
+  return _checked(path_, indices, cams, size)
+
+
+def from_dict(cams: dict, size: tuple[int, int] | None = None, where: str = "cams"
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """`read` of a psa-style dict in memory: {class index 0..19: float [H, W] CAM}.
+
+  Args:
+    cams: the dict.
+    size: (H, W) of the image; the CAMs must have it.
+    where: what to name in errors.
+
+  Returns:
+    (cams float32 [H, W, k], keys int32 [k] VOC label ids, ascending), checked as `read`
+    checks a file.
+  """
+  if not isinstance(cams, dict):
+    raise UserError(f"{where}: a {type(cams).__name__}, expected a dict {{class index: "
+                    "H x W CAM}")
+  indices = _class_indices(where, list(cams))
+  return _checked(where, indices, _stack(where, list(cams.values())), size)
+
+
+def _checked(where: str, indices: np.ndarray, cams: np.ndarray,
+             size: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+  """The checks of `read` on (class indices [k], CAMs [k, H, W]); the store's layout."""
   if size is not None and cams.shape[1:] != tuple(size):
-    raise UserError(f"{path_}: CAMs are {cams.shape[1]}x{cams.shape[2]} (H x W) but the "
+    raise UserError(f"{where}: CAMs are {cams.shape[1]}x{cams.shape[2]} (H x W) but the "
                     f"image is {size[0]}x{size[1]}")
   if not np.isfinite(cams).all():
     bad = int(np.count_nonzero(~np.isfinite(cams)))
-    raise UserError(f"{path_}: {bad} CAM values are NaN or infinite")
+    raise UserError(f"{where}: {bad} CAM values are NaN or infinite")
   low, high = float(cams.min()), float(cams.max())
   if low < -_SLACK or high > 1 + _SLACK:
-    raise UserError(f"{path_}: CAM values span [{low:.4g}, {high:.4g}]; expected each "
+    raise UserError(f"{where}: CAM values span [{low:.4g}, {high:.4g}]; expected each "
                     "class normalised to [0, 1] by its maximum, as psa and IRN write them")
   order = np.argsort(indices)
   cams = np.clip(cams[order], 0.0, 1.0)
