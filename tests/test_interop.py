@@ -325,6 +325,16 @@ def test_imported_psa_cams_walk_as_psa_walks_them(reference, tmp_path):
   print(f"walk labels from imported CAMs: {agreement:.6f} equal, labels per image "
         f"{labels_seen}")
 
+  # The config key does the same import inside main's infer_cam stage.
+  other = str(tmp_path / "by_key")
+  code, out = _run("main", *args, f"--config.cam.cams_from={psa_dir}", "--mode=infer_cam",
+                   f"--workdir={other}")
+  assert code == 0 and "imported the psa CAMs of 3 images" in out, out
+  from affinity_jax.workdir import Workdir
+  for image_id in psa_cams:
+    for a, b in zip(Workdir(workdir).cams.load(image_id), Workdir(other).cams.load(image_id)):
+      np.testing.assert_array_equal(a, b)
+
 
 def test_a_network_file_for_another_network_is_refused(reference):
   from flax import nnx
