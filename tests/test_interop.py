@@ -371,3 +371,26 @@ def test_refine_is_the_walk_stage_on_one_image(tiny_workdir):
   np.testing.assert_array_equal(got, ctx.files.rw.load(image_id))
   with pytest.raises(UserError, match=r"cams: CAMs are 5x5 \(H x W\) but the image is"):
     affinity_jax.refine(image, {0: np.zeros((5, 5))}, walker)
+
+
+@pytest.mark.parametrize("argv, words", [
+    ([], "first argument: one of import, export"),
+    (["import", "--format=psa", "--workdir=w"], "missing --from=..."),
+    (["export", "--format=psa", "--from=d", "--workdir=w"], "unknown flag --from for export"),
+    (["import", "--format=psa", "--from=d", "--workdir=w", "--config.rw.t=8"],
+     "--config.KEY overrides need --config"),
+])
+def test_command_line_errors_are_one_line(argv, words):
+  from affinity_jax import cams
+  with pytest.raises(UserError) as e:
+    cams.parse(argv)
+  assert words in _one_line(e)
+
+
+def test_command_line_takes_config_overrides_for_import():
+  from affinity_jax import cams
+  command, values, overrides = cams.parse(
+      ["import", "--format", "irn", "--from=d", "--workdir=w", "--config=c.py",
+       "--config.aff.weights=a.pth"])
+  assert (command, values["format"], values["from"]) == ("import", "irn", "d")
+  assert overrides == [("aff.weights", "a.pth")]
