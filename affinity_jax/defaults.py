@@ -53,7 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
       # two; () pads each image to a multiple of `infer_pad` instead ("tight": one
       # program per padded size).
       infer_canvases=((384, 512), (512, 512)),
-      # Images beyond every canvas are zero-padded to a multiple of this (of 8).
+      # Images beyond every canvas are zero-padded to a multiple of this (of 8); 0 with
+      # no canvases: not padded, each image and scale at its own size as psa runs them.
       infer_pad=64,
       color_jitter=True,         # brightness/contrast/saturation 0.3, hue 0.1 in training
       scenes=ml_collections.ConfigDict(dict(  # the generated dataset (name="scenes")

@@ -32,13 +32,16 @@ def get_config(arg=None):
 def from_reference(c):
   """psa's inference on VOC train, from networks given by `cam.weights` / `aff.weights`.
 
-  As psa's `infer_cls.py` and `infer_aff.py`: images padded only to a multiple of 8 (no
-  canvases), the walk on the reference's pair set (`rw.border="reference"`), alpha 16,
-  beta 8, t = 256; no segmentation net (the reference ships none). CAM+RW+dCRF is ours.
+  As psa's `infer_cls.py` and `infer_aff.py`: every image and scale at its own size,
+  unpadded, and each pass's CAM cells all stretched over the image (`data.infer_pad=0`,
+  no canvases: one compiled program per image size and scale); the walk on the image
+  padded to a multiple of 8 and on the reference's pair set (`rw.border="reference"`),
+  alpha 16, beta 8, t = 256; no segmentation net (the reference ships none).
+  CAM+RW+dCRF is ours.
   """
   c.data.train_split = c.data.label_split = c.data.eval_split = "train"
   c.data.infer_canvases = ()
-  c.data.infer_pad = 8
+  c.data.infer_pad = 0
   c.aff.border = c.rw.border = "reference"
   c.seg.enabled = False
 

@@ -70,8 +70,11 @@ class Walker:
     for canvas, group in by_canvas.items():
       for start in range(0, len(group), self.batch_size):
         chunk = group[start:start + self.batch_size]
-        out = self._walk([images[i] for i in chunk], [cams[i] for i in chunk],
-                         self.canvases.at_scale(*images[chunk[0]].shape[:2]))
+        # The walk runs on the 1/8 grid: its canvas is a multiple of 8 even where the
+        # CAMs' inputs are not padded (`Canvases.exact`).
+        canvas = tuple(-(-n // STRIDE) * STRIDE
+                       for n in self.canvases.at_scale(*images[chunk[0]].shape[:2]))
+        out = self._walk([images[i] for i in chunk], [cams[i] for i in chunk], canvas)
         for i, s, e in zip(chunk, *out):
           scores[i], embedded[i] = s, e
     return (scores, embedded) if embeddings else scores
