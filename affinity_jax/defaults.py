@@ -53,7 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
       # two; () pads each image to a multiple of `infer_pad` instead ("tight": one
       # program per padded size).
       infer_canvases=((384, 512), (512, 512)),
-      # Images beyond every canvas are zero-padded to a multiple of this (of 8).
+      # Images beyond every canvas are zero-padded to a multiple of this (of 8); 0 with
+      # no canvases: not padded, each image and scale at its own size as psa runs them.
       infer_pad=64,
       color_jitter=True,         # brightness/contrast/saturation 0.3, hue 0.1 in training
       scenes=ml_collections.ConfigDict(dict(  # the generated dataset (name="scenes")
@@ -88,6 +89,16 @@ def base_config() -> ml_collections.ConfigDict:
       # Lite0 only: CAMs of the VOC classes with ImageNet counterparts from the backbone's
       # ImageNet classifier (models.heads.CAMNet); the spec trains them all (False).
       imagenet_prior=False,
+      # A trained classifier to infer the CAMs with instead of training one (train_cam
+      # then trains nothing): psa's `res38_cls.pth` / `vgg_cls.pth` (the classifier's
+      # every array, fc8 included) or one of ours (a workdir, its `cam/` or `cam/ckpt/`).
+      # The same key in aff and seg. docs/interop.md.
+      weights="",
+      # Another method's CAM files to use instead of inferring CAMs (infer_cam imports
+      # them, train_cam trains nothing): a folder of one `<id>.npy` / `<id>.npz` per
+      # image in `cams_format`, "psa", "irn" or "npz" (labels/cam_files.py).
+      cams_from="",
+      cams_format="psa",
       train=train_config(steps=9920, lr=0.01, momentum=0.9),
   ))
 
@@ -108,6 +119,9 @@ def base_config() -> ml_collections.ConfigDict:
       # Backbone stages whose ends give the `low` and `mid` feature levels (Lite0 only;
       # () keeps the backbone's default, Lite0's (3, 5)).
       level_stages=(),
+      # A trained AffinityNet instead of training one (train_aff trains nothing and
+      # aff_labels, which only feeds it, is skipped): psa's `res38_aff.pth` or ours.
+      weights="",
       train=train_config(steps=10580, lr=0.1, momentum=0.9),
   ))
 
@@ -143,6 +157,7 @@ def base_config() -> ml_collections.ConfigDict:
       crop=448,
       resize_long=(256, 512),
       frozen=(),                 # as cam.frozen
+      weights="",                # a trained segmentation net of ours, as cam.weights
       train=train_config(steps=6000, lr=0.01, momentum=0.9),
   ))
 

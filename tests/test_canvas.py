@@ -147,3 +147,14 @@ def test_inference_stages_on_8_devices_store_what_1_device_stores(voc_tiny_workd
     np.testing.assert_allclose(one_cams, cams, atol=1e-4)
   same = [np.mean(ctx.files.rw.load(i) == eight.files.rw.load(i)) for i in ids]
   assert min(same) >= 0.999, min(same)
+
+
+def test_exact_runs_every_image_and_scale_at_its_own_size():
+  """`data.infer_pad=0` (psa's way, `:from_reference`): nothing padded."""
+  exact = canvas.Canvases((), 0)
+  assert exact.exact and not canvas.Canvases().exact
+  assert exact.canvas(75, 100) == (75, 100)
+  assert exact.at_scale(75, 100, 0.5) == (38, 50) and exact.at_scale(75, 100, 1.5) == (112, 150)
+  with pytest.raises(UserError, match=r"data\.infer_pad: 0; .* or 0 \(no padding\) with "
+                                      r"data\.infer_canvases=\(\)"):
+    canvas.Canvases(((384, 512),), 0)

@@ -22,7 +22,7 @@ LAYERS = {
     "data": 3, "training": 3, "labels": 3, "evaluation": 3, "workdir": 3, "defaults": 3,
     "inference": 4,
     "stages": 5,
-    "demo": 6, "benchmarks": 6, "main": 6, "convert": 6, "launch": 6,
+    "demo": 6, "benchmarks": 6, "main": 6, "convert": 6, "launch": 6, "cams": 6,
 }
 
 

@@ -35,9 +35,10 @@ def _outputs(nb, mime):
 
 def test_demo_notebook(tiny_workdir):
   nb = execute("demo.ipynb", SMALL=True, WORKDIR=tiny_workdir, NUM_IMAGES=2)
-  for png in ("demo_panels.png", "demo_own_image.png", "eval/training_curves.png"):
+  for png in ("demo_panels.png", "demo_own_image.png", "demo_refine.png",
+              "eval/training_curves.png"):
     assert os.path.getsize(os.path.join(tiny_workdir, png)) > 1000
-  assert len(_outputs(nb, "image/png")) == 3
+  assert len(_outputs(nb, "image/png")) == 4
   assert any("mIoU" in o["data"]["text/markdown"] for o in _outputs(nb, "text/markdown"))
 
 

@@ -190,6 +190,10 @@ def batched_cams(forward, state, examples: list[dict], normalization: str,
     present = np.flatnonzero(example["labels"])
     cams = [out[2 * b + f][..., present] for out in outs for f in (0, 1)]
     plan = [p for _, p in inputs]
+    if canvases.exact:
+      # psa's merge of unpadded passes: every CAM cell, ceil(Hs / 8) of them, is
+      # stretched over the image, as if the CAM covered the scaled image padded to 8.
+      plan = [p._replace(size=p.padded) for p in plan]
     merged.append(cam_ops.full_cams(merge_present(cams, plan, size), present + 1))
   return merged
 

@@ -7,7 +7,9 @@ right, zeros after normalisation) onto the smallest of a few canvases that holds
 number of programs per stage is set by the config (`data.infer_canvases`), not by the
 data. An image larger than every canvas is padded to a multiple of `data.infer_pad`
 instead (one more program for its size); with no canvases at all every image is
-(`tight` padding, the behaviour before canvases).
+(`tight` padding, the behaviour before canvases). `data.infer_pad=0` (no canvases) pads
+nothing: every image and scale runs at its own size, as psa's `infer_cls.py` does (one
+program per image size and scale; `configs/voc12_resnet38.py:from_reference`).
 
 The canvas changes what the network sees near an image's bottom and right edges (more
 zero-valued input where tight padding had fewer rows): docs/inference.md measures it.
@@ -29,7 +31,8 @@ class Canvases:
   Attributes:
     sizes: (H, W) of each canvas at scale 1, smallest area first.
     multiple: tight padding (`data.infer_pad`): images beyond every canvas (or all
-      images, with no canvases) are padded to a multiple of this.
+      images, with no canvases) are padded to a multiple of this; 0 (only without
+      canvases): not padded at all (`exact`).
   """
   sizes: tuple[tuple[int, int], ...] = ()
   multiple: int = STRIDE
@@ -40,10 +43,15 @@ class Canvases:
     if any(h <= 0 or w <= 0 or h % STRIDE or w % STRIDE for h, w in sizes):
       raise UserError(f"data.infer_canvases: {self.sizes!r}; each canvas is (height, "
                       f"width), positive multiples of {STRIDE}")
-    if self.multiple <= 0 or self.multiple % STRIDE:
+    if self.multiple < 0 or self.multiple % STRIDE or (self.multiple == 0 and sizes):
       raise UserError(f"data.infer_pad: {self.multiple!r}; expected a positive multiple "
-                      f"of {STRIDE}")
+                      f"of {STRIDE}, or 0 (no padding) with data.infer_canvases=()")
     object.__setattr__(self, "sizes", sizes)
+
+  @property
+  def exact(self) -> bool:
+    """Whether images run at their own size, unpadded (`data.infer_pad=0`)."""
+    return self.multiple == 0
 
   @classmethod
   def from_config(cls, data_config) -> "Canvases":
@@ -63,6 +71,8 @@ class Canvases:
     for h, w in self.sizes:
       if height <= h and width <= w:
         return h, w
+    if self.exact:
+      return height, width
     return _round_up(height, self.multiple), _round_up(width, self.multiple)
 
   def at_scale(self, height: int, width: int, scale: float = 1.0) -> tuple[int, int]:
@@ -70,8 +80,10 @@ class Canvases:
 
     On a canvas: the canvas resized by `scale`, rounded up to a multiple of the stride
     (it holds the image resized the same way, `ops.cam.pass_plan`'s rounding). Beyond
-    every canvas: the resized image rounded up to `multiple`.
+    every canvas: the resized image rounded up to `multiple` (`exact`: not rounded).
     """
+    if self.exact:
+      return max(1, round(height * scale)), max(1, round(width * scale))
     h, w = self.canvas(height, width)
     if (h, w) in self.sizes:
       multiple = STRIDE

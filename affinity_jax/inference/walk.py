@@ -12,12 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from affinity_jax import defaults
 from affinity_jax import sharding
 from affinity_jax.data import transforms
 from affinity_jax.errors import UserError
 from affinity_jax.inference import STRIDE
 from affinity_jax.inference import canvas as canvas_lib
 from affinity_jax.inference import resize
+from affinity_jax.labels import cam_files
 from affinity_jax.ops import random_walk
 
 
@@ -68,8 +70,11 @@ class Walker:
     for canvas, group in by_canvas.items():
       for start in range(0, len(group), self.batch_size):
         chunk = group[start:start + self.batch_size]
-        out = self._walk([images[i] for i in chunk], [cams[i] for i in chunk],
-                         self.canvases.at_scale(*images[chunk[0]].shape[:2]))
+        # The walk runs on the 1/8 grid: its canvas is a multiple of 8 even where the
+        # CAMs' inputs are not padded (`Canvases.exact`).
+        canvas = tuple(-(-n // STRIDE) * STRIDE
+                       for n in self.canvases.at_scale(*images[chunk[0]].shape[:2]))
+        out = self._walk([images[i] for i in chunk], [cams[i] for i in chunk], canvas)
         for i, s, e in zip(chunk, *out):
           scores[i], embedded[i] = s, e
     return (scores, embedded) if embeddings else scores
@@ -90,6 +95,48 @@ class Walker:
                                         self.normalize), image.shape[:2])
               for b, (image, g) in enumerate(zip(images, grids))]
     return scores, [embedding[b, :g.shape[0], :g.shape[1]] for b, g in enumerate(grids)]
+
+
+def refine(image: np.ndarray, cams, affinity_net, rw_config=None) -> np.ndarray:
+  """The pseudo mask of one image in memory: its CAMs refined by AffinityNet's walk.
+
+  The infer_rw stage's code path (`Walker`, then `labels`) for a single image, e.g. in a
+  notebook: any method's CAMs in, a label map out.
+
+    mask = affinity_jax.refine(image, {14: person_cam}, affinity_net)
+
+  Args:
+    image: uint8 [H, W, 3] RGB.
+    cams: psa's form {class index 0..19: float [H, W] CAM normalised to [0, 1]}, or the
+      CAM store's (cams float [H, W, k], keys int [k] VOC label ids 1..20).
+    affinity_net: a trained AffinityNet (e.g. `Context.trained_model("aff")`, or one
+      `load_pretrained` filled from psa's `res38_aff.pth`), or a `Walker` built once and
+      reused (a new Walker compiles again).
+    rw_config: the walk's settings (`config.rw`; e.g. a workdir's `ctx.config.rw`);
+      default the reference's (alpha 16, beta 8, t 256, radius 5, our `full` border).
+      Ignored when `affinity_net` is a `Walker`.
+
+  Returns:
+    uint8 [H, W] VOC label ids (0 background).
+
+  Raises:
+    UserError: CAMs of another size than the image, unknown class indices, NaNs, none.
+  """
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+    raise UserError(f"image: {image.dtype} {image.shape}, expected uint8 [H, W, 3] RGB")
+  size = image.shape[:2]
+  if isinstance(cams, dict):
+    cams, keys = cam_files.from_dict(cams, size)
+  else:
+    cams, keys = cams
+    indices = np.asarray(keys) - 1
+    cams, keys = cam_files.from_dict(
+        {int(c): np.asarray(cams)[..., i] for i, c in enumerate(indices)}, size)
+  walker = (affinity_net if isinstance(affinity_net, Walker)
+            else Walker(affinity_net, rw_config or defaults.base_config().rw))
+  (scores,) = walker([image], [(cams, keys)])
+  return labels(scores, keys)
 
 
 NORMALIZE = ("none", "class")

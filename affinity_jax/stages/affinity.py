@@ -25,6 +25,8 @@ def make_labels(ctx: common.Context) -> None:
 
 def train(ctx: common.Context) -> None:
   c = ctx.config
+  if ctx.nothing_to_train("aff"):
+    return
   model = ctx.make_model("aff")
   batches = pipeline.affinity_batches(
       ctx.split(c.data.train_split), ctx.files.crf.load,

@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import os
 from typing import Any
 
 import jax
@@ -17,7 +18,9 @@ from affinity_jax.inference import canvas
 from affinity_jax.inference import segment
 from affinity_jax.inference import walk
 from affinity_jax.models import heads
+from affinity_jax.training import checkpoint
 from affinity_jax.training import loop
+from affinity_jax.workdir import CHECKPOINT
 from affinity_jax.workdir import Workdir
 
 
@@ -106,15 +109,33 @@ class Context:
     return tuple(model.backbone.frozen_prefixes) + tuple(self.config[kind].frozen)
 
   def trained_model(self, kind: str) -> nnx.Module:
-    """The network `kind` as its training stage left it (parameters only); a UserError
-    names the stage to run when it has not finished."""
+    """The network `kind` from `<kind>.weights` when given, else as its training stage
+    left it (parameters only); a UserError names the stage to run when it has not
+    finished."""
     model = self.make_model(kind, pretrained=False)  # The checkpoint holds every weight.
     # On this host's devices: every host infers its own images.
-    return self.files.checkpoints(kind).load(model, self.config[kind].train.steps,
-                                             sharding.replicated(self.local_mesh))
+    replicated = sharding.replicated(self.local_mesh)
+    if self.config[kind].weights:
+      return load_trained(model, self.config[kind].weights, kind, replicated)
+    return self.files.checkpoints(kind).load(model, self.config[kind].train.steps, replicated)
+
+  def nothing_to_train(self, kind: str) -> bool:
+    """Whether training stage `kind` has nothing to do because the network is given
+    (`<kind>.weights`; for the classifier also `cam.cams_from`); says so."""
+    given = self.config[kind].weights or (kind == "cam" and self.config.cam.cams_from)
+    if given:
+      key = f"{kind}.weights" if self.config[kind].weights else "cam.cams_from"
+      print(f"[train_{kind}] {key} is set: nothing to train", flush=True)
+    return bool(given)
 
   def trained(self, kind: str) -> bool:
-    """Whether the training stage of network `kind` ("cam", "aff", "seg") has finished."""
+    """Whether network `kind` ("cam", "aff", "seg") needs no training: its weights are
+    given (`<kind>.weights`) or its training stage has finished. The classifier also
+    needs none once the CAM store is complete (CAMs imported from another method)."""
+    if self.config[kind].weights:
+      return True
+    if kind == "cam" and (self.config.cam.cams_from or self.files.cams.finished()):
+      return True
     return self.files.checkpoints(kind).finished(self.config[kind].train.steps)
 
   @functools.cached_property
@@ -141,6 +162,70 @@ class Context:
   def segmenter(self):
     """`predict(image uint8 [H, W, 3]) -> uint8 [H, W]` of the trained segmentation net."""
     return segment.predictor(self.trained_model("seg"), self.canvases)
+
+
+def load_trained(model: nnx.Module, path: str, kind: str,
+                 sharding: jax.sharding.Sharding | None = None) -> nnx.Module:
+  """Puts a trained network's weights into `model` (the config's `<kind>.weights`).
+
+  Args:
+    model: the network as built (`Context.make_model`), updated in place.
+    path: a weights file with every array of the network (psa's `res38_cls.pth`,
+      `res38_aff.pth`, `vgg_cls.pth`: `weights.load_pretrained` reads the head layers
+      too), or one of our training checkpoints: a workdir, its `<kind>/` folder or its
+      `<kind>/ckpt/` (the newest step is read).
+    kind: "cam", "aff" or "seg", for messages and the workdir's folder.
+    sharding: where the arrays go (default: where the model's arrays are).
+
+  Returns:
+    `model`.
+
+  Raises:
+    UserError: one line naming the key and the file: unreadable, for another network
+      or backbone, or lacking some of the network's arrays.
+  """
+  key = f"{kind}.weights"
+  name = type(model).__name__
+  if os.path.isdir(path):
+    store = Workdir(path).checkpoints(kind)
+    candidates = (store.checkpoints, os.path.join(path, CHECKPOINT), path)
+    directory = next((d for d in candidates if _has_steps(d)), None)
+    if directory is None:
+      raise UserError(f"{key}: {path} holds no training checkpoint (looked for step folders "
+                      f"in {kind}/{CHECKPOINT}/, {CHECKPOINT}/ and the folder itself)")
+    try:
+      checkpoint.restore_model(model, directory, None, sharding)
+    except Exception as e:  # noqa: BLE001 -- orbax reports mismatches in many types.
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+      raise UserError(f"{key}: {directory} does not restore into the "
+                      f"{_backbone_name(model)} {name} ({type(e).__name__}: {first})") from None
+    print(f"[{kind}] weights from {directory} (newest step)", flush=True)
+    return model
+  from affinity_jax.weights import load
+  report = load.load_pretrained(model, path, verbose=False)
+  if report.kept:
+    raise UserError(f"{key}: {path} lacks {len(report.kept)} arrays of the trained "
+                    f"{_backbone_name(model)} {name} (e.g. {', '.join(report.kept[:3])}); "
+                    f"is it the {kind} network's file?")
+  if report.unused:
+    raise UserError(f"{key}: {path} holds {len(report.unused)} arrays the "
+                    f"{_backbone_name(model)} {name} has no place for (e.g. "
+                    f"{', '.join(report.unused[:3])})")
+  if sharding is not None:
+    nnx.update(model, jax.device_put(nnx.state(model), sharding))
+  print(f"[{kind}] weights from {path} ({report.source_format}, "
+        f"{report.loaded_values / 1e6:.1f}M values)", flush=True)
+  return model
+
+
+def _backbone_name(model: nnx.Module) -> str:
+  """The backbone name of a network, for messages."""
+  from affinity_jax.weights import load
+  return load.backbone_name(model.backbone)
+
+
+def _has_steps(directory: str) -> bool:
+  return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
 
 
 def train(ctx: Context, kind: str, model: nnx.Module, loss_fn, batches) -> None:

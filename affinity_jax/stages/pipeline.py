@@ -33,7 +33,9 @@ class Stage:
 STAGES = (
     Stage("train_cam", lambda ctx: ctx.trained("cam"), cam.train),
     Stage("infer_cam", lambda ctx: ctx.files.cams.finished(), cam.infer),
-    Stage("aff_labels", lambda ctx: ctx.files.crf.finished(), affinity.make_labels),
+    # The CRF labels only train AffinityNet: not needed when its weights are given.
+    Stage("aff_labels", lambda ctx: ctx.files.crf.finished() or bool(ctx.config.aff.weights),
+          affinity.make_labels),
     Stage("train_aff", lambda ctx: ctx.trained("aff"), affinity.train),
     Stage("infer_rw", lambda ctx: ctx.files.rw.finished(), random_walk.infer),
     Stage("train_seg", lambda ctx: not ctx.config.seg.enabled or ctx.trained("seg"),

@@ -7,7 +7,7 @@ from affinity_jax.training import losses
 
 def train(ctx: common.Context) -> None:
   c = ctx.config
-  if not c.seg.enabled:
+  if not c.seg.enabled or ctx.nothing_to_train("seg"):
     return
   model = ctx.make_model("seg")
   batches = pipeline.segmentation_batches(

@@ -162,6 +162,58 @@ def _load_legacy(path: str, f: BinaryIO) -> Any:
   return obj
 
 
+def _storage_from_bytes(path: str, data: bytes) -> _Storage:
+  """A storage that `pickle` wrote as `torch.storage._load_from_bytes(data)`: `data` is a
+  whole `torch.save` file (legacy or zip) holding just the storage."""
+  try:
+    if zipfile.is_zipfile(io.BytesIO(data)):
+      with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]
+        if not pkl:
+          raise UserError(f"{path}: embedded tensor data without data.pkl")
+        prefix = pkl[0][: -len("data.pkl")]
+        obj = _Unpickler(io.BytesIO(zf.read(pkl[0])), path, {},
+                         lambda key: zf.read(f"{prefix}data/{key}")).load()
+    else:
+      obj = _load_legacy(path, io.BytesIO(data))
+  except UserError:
+    raise
+  except Exception as e:  # Malformed pickles raise many different types.
+    raise UserError(f"{path}: unreadable embedded tensor ({type(e).__name__}: {e})") from e
+  if not isinstance(obj, _Storage) or obj.data is None:
+    raise UserError(f"{path}: embedded tensor data is not a plain storage")
+  return obj
+
+
+def pickled_tensor_globals(path: str) -> dict[tuple[str, str], Any]:
+  """Torch-free stand-ins for the globals of CPU tensors pickled with plain `pickle`
+  (not `torch.save`), e.g. inside a dict that `np.save` wrote.
+
+  Such a tensor is `torch._utils._rebuild_tensor_v2(storage, ...)` with the storage as
+  `torch.storage._load_from_bytes(<a torch.save file>)`; the stand-ins read that file
+  with this module's restricted unpickler. Pass what the unpickler returns through
+  `materialize`, which turns the tensors into NumPy arrays.
+
+  Args:
+    path: the file being read, for error messages.
+
+  Returns:
+    {(module, name): callable} for a restricted unpickler's `find_class`.
+  """
+  return {
+      ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+      ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+      ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+      ("torch.storage", "_load_from_bytes"): lambda data: _storage_from_bytes(path, data),
+      ("collections", "OrderedDict"): collections.OrderedDict,
+  }
+
+
+def materialize(obj: Any) -> Any:
+  """`obj` with every tensor that `pickled_tensor_globals` rebuilt as a NumPy array."""
+  return _materialize(obj)
+
+
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
   """Reads a PyTorch state dict as {name: array} (no torch needed).
 
