@@ -17,10 +17,11 @@ beside the repository and, when that is absent, stops saying to pass the flag:
   python -m affinity_jax.main --config=configs/voc12_lite0.py:cpu \
       --workdir=runs/voc_cpu --config.data.manual_dir=PATH/TO/voc_dev
 
-Expected on voc_dev's 184 train images, mIoU % (15-16 minutes on a 2-core Intel Xeon):
+Expected on voc_dev's 184 train images, mIoU % (2-core AMD EPYC Zen 3, Dec 2026; the
+whole command took 15-16 minutes on a 2-core Intel Xeon):
 
   | CAM (t=0.15) | CAM (best t=0.4) | CAM+RW | CAM+RW+dCRF |
-  |         32.7 |             40.2 |   49.1 |        50.9 |
+  |         32.7 |             40.2 |   49.0 |        50.7 |
 
 On one H200 (16 host cores; add --config.data.num_workers=8 --config.crf.num_workers=12)
 the same command gave 32.9, 40.3, 48.3, 50.9 in 6 minutes of stages.
