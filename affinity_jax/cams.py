@@ -23,6 +23,7 @@ from typing import Sequence
 
 from affinity_jax import config_lib
 from affinity_jax import io
+from affinity_jax import main as command_line
 from affinity_jax import workdir as workdir_layout
 from affinity_jax.errors import UserError
 
@@ -39,17 +40,7 @@ def parse(argv: Sequence[str]) -> tuple[str, dict[str, str], list[tuple[str, str
   command, values, overrides = args[0], {}, []
   allowed = {"import": ("format", "from", "workdir", "config"),
              "export": ("format", "to", "workdir")}[command]
-  i = 1
-  while i < len(args):
-    arg = args[i]
-    if not arg.startswith("--"):
-      raise UserError(f"unexpected argument {arg!r}; {USAGE}")
-    name, eq, value = arg[2:].partition("=")
-    if not eq:
-      if i + 1 >= len(args):
-        raise UserError(f"flag --{name} needs a value")
-      i += 1
-      value = args[i]
+  for name, value in command_line.flags(args[1:], USAGE):
     if name.startswith("config.") and command == "import":
       overrides.append((name[len("config."):], value))
     elif name in allowed:
@@ -57,7 +48,6 @@ def parse(argv: Sequence[str]) -> tuple[str, dict[str, str], list[tuple[str, str
     else:
       raise UserError(f"unknown flag --{name} for {command}; flags are "
                       f"{', '.join('--' + a for a in allowed)}")
-    i += 1
   needed = [a for a in allowed if a != "config"]
   for name in needed:
     if not values.get(name):
@@ -109,6 +99,5 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
   from affinity_jax import runtime
   runtime.restart_with_huge_pages()
-  from affinity_jax import main as command_line
   command_line.run_main(main)
   sys.exit(0)

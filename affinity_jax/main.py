@@ -49,6 +49,29 @@ class CommandLine:
   mode: str
 
 
+def flags(argv: Sequence[str], usage: str) -> list[tuple[str, str]]:
+  """(name, value) of each `--name=value` or `--name value` of `argv`, in order.
+
+  Raises:
+    UserError: an argument that is no flag (the message ends with `usage`), or a last
+      flag without a value.
+  """
+  args, out, i = list(argv), [], 0
+  while i < len(args):
+    arg = args[i]
+    if not arg.startswith("--"):
+      raise UserError(f"unexpected argument {arg!r}; {usage}")
+    name, eq, value = arg[2:].partition("=")
+    if not eq:
+      if i + 1 >= len(args):
+        raise UserError(f"flag --{name} needs a value")
+      i += 1
+      value = args[i]
+    out.append((name, value))
+    i += 1
+  return out
+
+
 def parse_command_line(argv: Sequence[str], modes: Sequence[str] = (),
                        default_mode: str = "all") -> CommandLine:
   """Parses `--config=... --workdir=... [--mode=...] [--config.KEY=VALUE ...]`.
@@ -57,18 +80,7 @@ def parse_command_line(argv: Sequence[str], modes: Sequence[str] = (),
   """
   values: dict[str, str] = {}
   overrides: list[tuple[str, str]] = []
-  args = list(argv)
-  i = 0
-  while i < len(args):
-    arg = args[i]
-    if not arg.startswith("--"):
-      raise UserError(f"unexpected argument {arg!r}; flags are --config, --workdir, --mode")
-    name, eq, value = arg[2:].partition("=")
-    if not eq:
-      if i + 1 >= len(args):
-        raise UserError(f"flag --{name} needs a value")
-      i += 1
-      value = args[i]
+  for name, value in flags(argv, "flags are --config, --workdir, --mode"):
     if name.startswith("config."):
       overrides.append((name[len("config."):], value))
     elif name in ("config", "workdir", "mode"):
@@ -76,7 +88,6 @@ def parse_command_line(argv: Sequence[str], modes: Sequence[str] = (),
     else:
       raise UserError(f"unknown flag --{name}; flags are --config, --workdir, --mode, "
                       "--config.KEY")
-    i += 1
   for name in ("config", "workdir"):
     if not values.get(name):
       raise UserError(f"missing --{name}=...")
