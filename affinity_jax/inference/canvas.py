@@ -73,7 +73,7 @@ class Canvases:
         return h, w
     if self.exact:
       return height, width
-    return _round_up(height, self.multiple), _round_up(width, self.multiple)
+    return round_up(height, self.multiple), round_up(width, self.multiple)
 
   def at_scale(self, height: int, width: int, scale: float = 1.0) -> tuple[int, int]:
     """The padded input size of an image of height x width resized by `scale`.
@@ -89,8 +89,8 @@ class Canvases:
       multiple = STRIDE
     else:
       h, w, multiple = height, width, self.multiple
-    return (_round_up(max(1, round(h * scale)), multiple),
-            _round_up(max(1, round(w * scale)), multiple))
+    return (round_up(max(1, round(h * scale)), multiple),
+            round_up(max(1, round(w * scale)), multiple))
 
 
 def pad_onto(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -100,5 +100,6 @@ def pad_onto(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   return out
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
+  """The smallest multiple of `multiple` >= `n`."""
   return math.ceil(n / multiple) * multiple

@@ -67,12 +67,12 @@ class Walker:
     for i, image in enumerate(images):
       by_canvas[self.canvases.canvas(*image.shape[:2])].append(i)
     scores, embedded = [None] * len(images), [None] * len(images)
-    for canvas, group in by_canvas.items():
+    for group in by_canvas.values():
       for start in range(0, len(group), self.batch_size):
         chunk = group[start:start + self.batch_size]
         # The walk runs on the 1/8 grid: its canvas is a multiple of 8 even where the
         # CAMs' inputs are not padded (`Canvases.exact`).
-        canvas = tuple(-(-n // STRIDE) * STRIDE
+        canvas = tuple(canvas_lib.round_up(n, STRIDE)
                        for n in self.canvases.at_scale(*images[chunk[0]].shape[:2]))
         out = self._walk([images[i] for i in chunk], [cams[i] for i in chunk], canvas)
         for i, s, e in zip(chunk, *out):

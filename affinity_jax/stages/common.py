@@ -186,7 +186,7 @@ def load_trained(model: nnx.Module, path: str, kind: str,
   """
   key = f"{kind}.weights"
   name = type(model).__name__
-  if os.path.isdir(path):
+  if io.isdir(path):
     store = Workdir(path).checkpoints(kind)
     candidates = (store.checkpoints, os.path.join(path, CHECKPOINT), path)
     directory = next((d for d in candidates if _has_steps(d)), None)
@@ -225,7 +225,7 @@ def _backbone_name(model: nnx.Module) -> str:
 
 
 def _has_steps(directory: str) -> bool:
-  return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+  return any(n.isdigit() for n in io.listdir(directory))
 
 
 def train(ctx: Context, kind: str, model: nnx.Module, loss_fn, batches) -> None:

@@ -231,7 +231,7 @@ class _MetricsLog:
     self._pending = None  # (step, metrics, batch size) not written yet.
     self._last_t = time.perf_counter()
     main = jax.process_index() == 0
-    self._path = path = out.metrics
+    path = out.metrics
     if main:
       _truncate_log(path, start)
     self._file = io.Appender(path if main else os.devnull)
@@ -351,8 +351,9 @@ def train(model: nnx.Module, loss_fn: LossFn, batches: BatchIterator, config: An
   """
   mesh = sharding.make_mesh() if mesh is None else mesh
   steps = int(config.steps)
-  with io.writing(out.checkpoints):
-    io.makedirs(os.path.dirname(out.metrics))
+  folder = os.path.dirname(out.metrics)
+  with io.writing(folder):
+    io.makedirs(folder)
   graphdef, params, rng_state, rest = split_model(model)
   tx = optim.make_optimizer(params, config, frozen_prefixes)
   train_step = make_train_step(graphdef, tx, loss_fn, optim.make_schedule(config),
