@@ -50,7 +50,7 @@ ADDED_KEYS = {"cam.imagenet_prior": False, "aff.level_stages": (),
               "rw.dcrf_unary_weight": 1.0, "rw.flip": False, "rw.normalize": "none",
               "rw.scales": (1.0,), "data.infer_canvases": (),
               "cam.weights": "", "aff.weights": "", "seg.weights": "", "cam.cams_from": "",
-              "cam.cams_format": "psa"}
+              "cam.cams_format": "psa", "seg.head_width": 512}
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

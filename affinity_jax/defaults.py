@@ -153,6 +153,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seg = ml_collections.ConfigDict(dict(
       enabled=True,
       head_dilation=12,          # the LargeFOV head's 3x3 dilation (fit it to the grid)
+      head_width=512,            # channels of the LargeFOV head's 3x3 conv (fc8)
       batch_size=16,
       crop=448,
       resize_long=(256, 512),

@@ -245,6 +245,21 @@ def test_voc_cpu_affinitynet_trains_lite0s_last_block_and_head_conv_only(tmp_pat
   assert trained == {"block15", "conv_head"}
 
 
+def test_voc_cpu_full_segnet_trains_only_its_narrow_head(tmp_path):
+  # :cpu_full's segmentation net on an abstract Lite0: a 128-channel LargeFOV head with
+  # dilation 6 on a wholly frozen backbone, scored on val.
+  config = config_lib.load_config("configs/voc12_lite0.py:cpu_full")
+  assert config.seg.enabled and config.data.seg_eval_split == "val"
+  ctx = common.Context(config, str(tmp_path), sharding.make_mesh())
+  model = nnx.eval_shape(lambda: ctx.make_model("seg", pretrained=False))
+  assert model.fc8.kernel.shape == (3, 3, 1280, 128) and model.fc8.kernel_dilation == 6
+  labels = optim.param_labels(nnx.state(model, nnx.Param), ctx.frozen_prefixes("seg", model))
+  trained = {optim.path_str(path).split("/")[0]
+             for path, label in jax.tree_util.tree_leaves_with_path(labels)
+             if label != optim.FROZEN}
+  assert trained == {"fc8", "classifier"}
+
+
 def test_walk_batches_pad_each_image_and_mask_the_rest():
   images = [np.ones((16, 24, 3), np.float32), 2 * np.ones((8, 8, 3), np.float32)]
   grids = [np.ones((2, 3, 2), np.float32), np.ones((1, 1, 3), np.float32)]

@@ -307,7 +307,8 @@ def rehearse_eval_seg(backbone: str, images: list[np.ndarray]) -> dict:
   base = defaults.base_config()
   canvases = canvas_lib.Canvases.from_config(base.data)
   predict = segment.predictor(
-      heads.SegNet(backbone, rngs=nnx.Rngs(0), dilation=base.seg.head_dilation), canvases)
+      heads.SegNet(backbone, rngs=nnx.Rngs(0), dilation=base.seg.head_dilation,
+                   width=base.seg.head_width), canvases)
   with compilation.Compiles() as compiles:
     wall = warm_then_time(lambda items: [predict(im) for im in items], images,
                           lambda im: canvases.canvas(*im.shape[:2]))

@@ -90,7 +90,8 @@ class Context:
     """A fresh network: kind is "cam", "aff" or "seg"; with `model.pretrained` loaded
     unless `pretrained` is False."""
     cls = {"cam": heads.CAMNet, "aff": heads.AffinityNet, "seg": heads.SegNet}[kind]
-    kw = dict(dilation=self.config.seg.head_dilation) if kind == "seg" else {}
+    seg = self.config.seg
+    kw = dict(dilation=seg.head_dilation, width=seg.head_width) if kind == "seg" else {}
     if kind == "cam" and self.config.cam.imagenet_prior:
       kw = dict(imagenet_prior=True)
     if kind == "aff" and self.config.aff.level_stages:
