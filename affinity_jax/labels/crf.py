@@ -117,10 +117,17 @@ def label_png(job, unary_weight: float = 1.0) -> str:
     The path written (a VOC-paletted PNG of keys[argmax of the CRF marginals]).
   """
   path, image, scores, keys = job
+  io.save_label_png(path, refine_scores(image, scores, keys, unary_weight))
+  return path
+
+
+def refine_scores(image: np.ndarray, scores: np.ndarray, keys, unary_weight: float = 1.0
+                  ) -> np.ndarray:
+  """The walk's scores [H, W, L] (channel l of label id keys[l]) refined by the dense
+  CRF: uint8 [H, W] label ids."""
   probs = np.maximum(scores, 0) / np.maximum(scores.sum(-1, keepdims=True), 1e-5)
   q = dense_crf(image, probs, unary_weight=unary_weight)
-  io.save_label_png(path, np.asarray(keys)[np.argmax(q, -1)])
-  return path
+  return np.asarray(keys, np.uint8)[np.argmax(q, -1)]
 
 
 def map_jobs(work: Callable, jobs: Iterable, workers: int,
