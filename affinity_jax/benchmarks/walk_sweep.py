@@ -12,9 +12,12 @@ a table, writes JSON.
 """
 
 import argparse
+import functools
 import itertools
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from affinity_jax import io
@@ -23,14 +26,32 @@ from affinity_jax import workdir as workdir_lib
 from affinity_jax.evaluation import confusion
 from affinity_jax.inference import walk
 from affinity_jax.labels import crf
+from affinity_jax.ops import affinity
 from affinity_jax.ops import metrics
+from affinity_jax.ops import neighbors
 from affinity_jax.ops import random_walk
 from affinity_jax.progress import Progress
 from affinity_jax.stages import common
 
 
+CANVAS = 64  # Walk grids are padded to at least 64 x 64 cells: one program for VOC.
+
+
 def _floats(text: str) -> tuple[float, ...]:
   return tuple(float(v) for v in text.split(",") if v)
+
+
+@functools.partial(jax.jit, static_argnames=("radius", "t", "border"))
+def _walk(cams, features, valid, beta, *, radius, t, border):
+  """`ops.random_walk.propagate` with beta traced, so that every beta shares a program."""
+  offsets = neighbors.half_disk_offsets(radius)
+  aff = affinity.pairwise_affinity(features, offsets)
+  weights = random_walk.transition_weights(aff, offsets, beta, border, valid)
+  return random_walk.apply_transition(weights, cams, offsets, t, random_walk.CPU_GROUP)
+
+
+def _on_canvas(x: np.ndarray, canvas: tuple[int, int]) -> np.ndarray:
+  return np.pad(x, ((0, canvas[0] - x.shape[0]), (0, canvas[1] - x.shape[1]), (0, 0)))
 
 
 def sweep(workdir: str, alphas, betas, dcrf_weights=()) -> dict:
@@ -50,11 +71,17 @@ def sweep(workdir: str, alphas, betas, dcrf_weights=()) -> dict:
     image, mask = example["image"], example["mask"]
     cams, keys = files.cams.load(image_id)
     _, (embedding,) = walker([image], [(cams, keys)], embeddings=True)
-    padded = tuple(8 * n for n in embedding.shape[:2])
+    h, w = embedding.shape[:2]
+    canvas = tuple(max(CANVAS, -(-n // 16) * 16) for n in (h, w))
+    valid = _on_canvas(np.ones((h, w, 1), bool), canvas)[None, ..., 0]
+    features = jnp.asarray(_on_canvas(embedding, canvas)[None])
     for alpha, beta in settings:
-      grid = walk.walk_input(cams, keys, alpha, padded)
-      out = np.asarray(random_walk.propagate(grid[None], embedding[None], radius=rw.radius,
-                                             beta=beta, t=rw.t, border=rw.border))[0]
+      grid = walk.walk_input(cams, keys, alpha, (8 * h, 8 * w))
+      # Channels padded to 21 as well: one program whatever the classes present.
+      grid = np.pad(grid, ((0, 0), (0, 0), (0, 21 - grid.shape[-1])))
+      out = np.asarray(_walk(_on_canvas(grid, canvas)[None], features, valid,
+                             np.float32(beta), radius=rw.radius, t=rw.t, border=rw.border)
+                       )[0, :h, :w, :len(keys) + 1]
       scores = walk.scores_to_image(walk.normalize(out, rw.normalize), image.shape[:2])
       cms["rw"][(alpha, beta)][half] += confusion.accumulate(
           [(walk.labels(scores, keys), mask)])
