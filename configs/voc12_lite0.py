@@ -26,6 +26,15 @@ whole command took 15-16 minutes on a 2-core Intel Xeon):
 On one H200 (16 host cores; add --config.data.num_workers=8 --config.crf.num_workers=12)
 the same command gave 32.9, 40.3, 48.3, 50.9 in 6 minutes of stages.
 
+Variant `cpu_full`: `cpu` and the segmentation net (Lite0 frozen, a 128-channel
+LargeFOV head), trained on train's CAM+RW+dCRF masks and scored on val:
+
+  python -m affinity_jax.main --config=configs/voc12_lite0.py:cpu_full \
+      --workdir=runs/voc_cpu_full --config.data.manual_dir=PATH/TO/voc_dev
+
+Expected: the `cpu` table and seg (val) 25.9 on voc_dev's 92 val images (2-core AMD
+EPYC Zen 3, Dec 2026; train_seg 541 s and eval 107 s on top of `cpu`'s stages).
+
 Variant `sample` runs end to end on a 40-image VOC sample (../shared/voc_sample unless
 --config.data.manual_dir says otherwise; a smoke
 test of the real-photo path on CPU: tiny crops, 40 steps, no segmentation net; its
