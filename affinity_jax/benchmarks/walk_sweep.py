@@ -20,15 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from affinity_jax import constants
 from affinity_jax import io
 from affinity_jax import sharding
 from affinity_jax import workdir as workdir_lib
 from affinity_jax.evaluation import confusion
 from affinity_jax.inference import walk
 from affinity_jax.labels import crf
-from affinity_jax.ops import affinity
 from affinity_jax.ops import metrics
-from affinity_jax.ops import neighbors
 from affinity_jax.ops import random_walk
 from affinity_jax.progress import Progress
 from affinity_jax.stages import common
@@ -41,13 +40,14 @@ def _floats(text: str) -> tuple[float, ...]:
   return tuple(float(v) for v in text.split(",") if v)
 
 
-@functools.partial(jax.jit, static_argnames=("radius", "t", "border"))
-def _walk(cams, features, valid, beta, *, radius, t, border):
-  """`ops.random_walk.propagate` with beta traced, so that every beta shares a program."""
-  offsets = neighbors.half_disk_offsets(radius)
-  aff = affinity.pairwise_affinity(features, offsets)
-  weights = random_walk.transition_weights(aff, offsets, beta, border, valid)
-  return random_walk.apply_transition(weights, cams, offsets, t, random_walk.CPU_GROUP)
+# `ops.random_walk.propagate` with beta traced, so that every beta shares a program.
+_walk = jax.jit(functools.partial(random_walk.propagate_body, group=random_walk.CPU_GROUP),
+                static_argnames=("radius", "t", "border"))
+
+
+def _score(cm: np.ndarray) -> float:
+  """mIoU in %."""
+  return 100 * float(metrics.mean_iou(cm))
 
 
 def _on_canvas(x: np.ndarray, canvas: tuple[int, int]) -> np.ndarray:
@@ -62,11 +62,13 @@ def sweep(workdir: str, alphas, betas, dcrf_weights=()) -> dict:
   ids = sorted(ctx.label_ids())
   halves = (ids[:len(ids) // 2], ids[len(ids) // 2:])
   walker = ctx.walker()
+  first = set(halves[0])
   settings = list(itertools.product(alphas, betas))
-  cms = {"rw": {s: [np.zeros((21, 22), np.int64) for _ in halves] for s in settings},
-         "dcrf": {w: [np.zeros((21, 22), np.int64) for _ in halves] for w in dcrf_weights}}
+  empty = lambda: [np.zeros((constants.NUM_LABELS, constants.NUM_LABELS + 1), np.int64)
+                   for _ in halves]
+  cms = {"rw": {s: empty() for s in settings}, "dcrf": {w: empty() for w in dcrf_weights}}
   for image_id in Progress(ids, desc="walk_sweep", unit="img"):
-    half = 0 if image_id in halves[0] else 1
+    half = 0 if image_id in first else 1
     example = ctx.example(image_id)
     image, mask = example["image"], example["mask"]
     cams, keys = files.cams.load(image_id)
@@ -77,10 +79,10 @@ def sweep(workdir: str, alphas, betas, dcrf_weights=()) -> dict:
     features = jnp.asarray(_on_canvas(embedding, canvas)[None])
     for alpha, beta in settings:
       grid = walk.walk_input(cams, keys, alpha, (8 * h, 8 * w))
-      # Channels padded to 21 as well: one program whatever the classes present.
-      grid = np.pad(grid, ((0, 0), (0, 0), (0, 21 - grid.shape[-1])))
-      out = np.asarray(_walk(_on_canvas(grid, canvas)[None], features, valid,
-                             np.float32(beta), radius=rw.radius, t=rw.t, border=rw.border)
+      # Channels padded to every label as well: one program whatever the classes present.
+      grid = np.pad(grid, ((0, 0), (0, 0), (0, constants.NUM_LABELS - grid.shape[-1])))
+      out = np.asarray(_walk(_on_canvas(grid, canvas)[None], features, radius=rw.radius,
+                             beta=np.float32(beta), t=rw.t, border=rw.border, valid=valid)
                        )[0, :h, :w, :len(keys) + 1]
       scores = walk.scores_to_image(walk.normalize(out, rw.normalize), image.shape[:2])
       cms["rw"][(alpha, beta)][half] += confusion.accumulate(
@@ -94,13 +96,12 @@ def sweep(workdir: str, alphas, betas, dcrf_weights=()) -> dict:
 
 def choose(cms: dict) -> list[dict]:
   """Per half: the setting that scores best on it, and that setting on the other half."""
-  score = lambda cm: 100 * float(metrics.mean_iou(cm))
   rows = []
   for tuned, other in ((0, 1), (1, 0)):
-    best = max(cms, key=lambda s: score(cms[s][tuned]))
+    best = max(cms, key=lambda s: _score(cms[s][tuned]))
     rows.append({"tuned_on": "AB"[tuned], "setting": best,
-                 "on_tuned_half": score(cms[best][tuned]),
-                 "on_other_half": score(cms[best][other])})
+                 "on_tuned_half": _score(cms[best][tuned]),
+                 "on_other_half": _score(cms[best][other])})
   return rows
 
 
@@ -114,7 +115,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   result = sweep(args.workdir, _floats(args.alpha), _floats(args.beta),
                  _floats(args.dcrf_weight))
-  score = lambda cm: round(100 * float(metrics.mean_iou(cm)), 1)
+  score = lambda cm: round(_score(cm), 1)
   record = {"halves": [len(h) for h in result["halves"]], "ids_a": result["halves"][0]}
   for kind, name in (("rw", "alpha, beta"), ("dcrf", "dCRF weight")):
     if not result[kind]:

@@ -197,7 +197,9 @@ def jitted_propagate(platform: str | None = None):
   return _JITTED_CPU if platform == "cpu" else _JITTED
 
 
-def _propagate(cams, features, *, radius, beta, t, border, valid=None, group=None):
+def propagate_body(cams, features, *, radius, beta, t, border, valid=None, group=None):
+  """`propagate` unjitted (arguments as its, `group` as `apply_transition`'s): for a
+  caller that jits it with other static arguments, e.g. beta traced."""
   offsets = neighbors.half_disk_offsets(radius)
   aff = pairwise_affinity(features, offsets)
   weights = transition_weights(aff, offsets, beta, border, valid)
@@ -211,6 +213,6 @@ def _platform(x) -> str:
 
 
 _STATIC = ("radius", "beta", "t", "border")
-_JITTED = jax.jit(_propagate, static_argnames=_STATIC)
-_JITTED_CPU = jax.jit(functools.partial(_propagate, group=CPU_GROUP),
+_JITTED = jax.jit(propagate_body, static_argnames=_STATIC)
+_JITTED_CPU = jax.jit(functools.partial(propagate_body, group=CPU_GROUP),
                       static_argnames=_STATIC, compiler_options=CPU_COMPILER_OPTIONS)
