@@ -199,6 +199,12 @@ class ReportStore:
 
   finished = exists
 
+  def methods(self) -> list[str]:
+    """The methods results.json scores (empty when it does not exist)."""
+    if not self.exists():
+      return []
+    return list(json.loads(io.read_text(self.path(self.RESULTS)))["methods"])
+
   def markdown(self) -> str:
     """The results table as Markdown."""
     path = self.path(self.TABLE)

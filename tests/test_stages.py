@@ -1,5 +1,6 @@
 """The whole pipeline end to end on tiny data, resuming, and its one-line errors."""
 
+import copy
 import io
 import json
 import os
@@ -24,6 +25,7 @@ from affinity_jax.models import heads
 from affinity_jax.models.build import build_backbone
 from affinity_jax.inference import walk
 from affinity_jax.stages import common
+from affinity_jax.stages import evaluate
 from affinity_jax.stages import pipeline
 from affinity_jax.training import optim
 from affinity_jax.weights import load
@@ -101,6 +103,23 @@ def test_eval_reports(tiny_run):
   assert "| mIoU" in md
   for name in ("overlays.png", "confusion_cam.png", "confusion_cam_rw.png"):
     assert os.path.getsize(ctx.files.reports.path(name)) > 1000
+
+
+def test_eval_runs_again_when_the_segmentation_net_is_enabled_after_it(tiny_run, tmp_path):
+  # A workdir evaluated with seg.enabled False, then trained with it: eval must score
+  # the net instead of keeping the report without it.
+  with_seg = copy.deepcopy(tiny_run.config)
+  without = copy.deepcopy(with_seg)
+  without.seg.enabled = False
+  assert with_seg.seg.enabled
+  on, off = (common.Context(c, str(tmp_path), sharding.make_mesh()) for c in (with_seg, without))
+  assert not evaluate.done(on) and not evaluate.done(off)
+  os.makedirs(on.files.reports.directory)
+  results = on.files.reports.path("results.json")
+  for methods, done in ((["CAM", "CAM+RW"], False),
+                        (["CAM", "CAM+RW", evaluate.seg_method(with_seg)], True)):
+    json.dump({"methods": {m: {} for m in methods}}, open(results, "w"))
+    assert evaluate.done(on) == done and evaluate.done(off)
 
 
 def test_rerun_skips_finished_stages_and_redoes_lost_files(tiny_run, capsys):

@@ -14,8 +14,18 @@ from affinity_jax.evaluation import report
 from affinity_jax.stages import common
 
 
+def seg_method(config) -> str:
+  """The segmentation net's name in the reports."""
+  return f"seg ({config.data.seg_eval_split})"
+
+
 def done(ctx: common.Context) -> bool:
-  return ctx.files.reports.finished()
+  """The reports exist, and score the segmentation net when it is enabled: a workdir
+  evaluated before `seg.enabled` was set is evaluated again once the net is trained."""
+  reports = ctx.files.reports
+  if not reports.finished():
+    return False
+  return not ctx.config.seg.enabled or seg_method(ctx.config) in reports.methods()
 
 
 def run(ctx: common.Context) -> dict:
@@ -30,7 +40,7 @@ def run(ctx: common.Context) -> dict:
                                  cam_sweep=c.eval.cam_sweep, dcrf=c.rw.dcrf)
   if c.seg.enabled:
     split = ctx.split(c.data.seg_eval_split)
-    cms.update(confusion.evaluate({f"seg ({c.data.seg_eval_split})": (
+    cms.update(confusion.evaluate({seg_method(c): (
         (predict(e["image"]), e["mask"]) for e in (split[i] for i in range(len(split))))},
         progress=True))
   names = constants.label_names(c.data.name)
