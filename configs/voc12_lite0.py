@@ -17,14 +17,15 @@ beside the repository and, when that is absent, stops saying to pass the flag:
   python -m affinity_jax.main --config=configs/voc12_lite0.py:cpu \
       --workdir=runs/voc_cpu --config.data.manual_dir=PATH/TO/voc_dev
 
-Expected on voc_dev's 184 train images, mIoU % (2-core AMD EPYC Zen 3, Dec 2026; the
-whole command took 15-16 minutes on a 2-core Intel Xeon):
+Expected on voc_dev's 184 train images, mIoU % (2-core AMD EPYC Zen 3, Dec 2026; its
+stages took 33 minutes there):
 
   | CAM (t=0.15) | CAM (best t=0.4) | CAM+RW | CAM+RW+dCRF |
-  |         32.7 |             40.2 |   49.0 |        50.7 |
+  |         32.7 |             40.2 |   50.4 |        51.4 |
 
-On one H200 (16 host cores; add --config.data.num_workers=8 --config.crf.num_workers=12)
-the same command gave 32.9, 40.3, 48.3, 50.9 in 6 minutes of stages.
+With AffinityNet's radius-5 pairs (--config.aff.radius=5) it gave 32.7, 40.2, 49.0,
+50.7 there; on one H200 (16 host cores; add --config.data.num_workers=8
+--config.crf.num_workers=12) 32.9, 40.3, 48.3, 50.9 in 6 minutes of stages.
 
 Variant `cpu_full`: `cpu` and the segmentation net (Lite0 frozen, a 128-channel
 LargeFOV head), trained on train's CAM+RW+dCRF masks and scored on val:
@@ -32,8 +33,9 @@ LargeFOV head), trained on train's CAM+RW+dCRF masks and scored on val:
   python -m affinity_jax.main --config=configs/voc12_lite0.py:cpu_full \
       --workdir=runs/voc_cpu_full --config.data.manual_dir=PATH/TO/voc_dev
 
-Expected: the `cpu` table and seg (val) 25.9 on voc_dev's 92 val images (2-core AMD
-EPYC Zen 3, Dec 2026; train_seg 541 s and eval 107 s on top of `cpu`'s stages).
+Expected: the `cpu` table and seg (val) 25.7 on voc_dev's 92 val images (2-core AMD
+EPYC Zen 3, Dec 2026; train_seg 593 s and eval 96 s after `cpu`'s stages, 44 minutes in
+all).
 
 Variant `sample` runs end to end on a 40-image VOC sample (../shared/voc_sample unless
 --config.data.manual_dir says otherwise; a smoke
@@ -74,7 +76,8 @@ def cpu(c):
   Differs from the spec where measurements on voc_dev said so (docs/real_photos.md):
   the backbone stays at its ImageNet weights (only the classifier trains, and
   AffinityNet's feature layers with the backbone's last block and head conv);
-  background powers scaled to Lite0's flatter CAMs; a sharper walk (beta 32) for
+  background powers scaled to Lite0's flatter CAMs; AffinityNet's pairs up to 12 cells
+  apart (the walk's within 5); a sharper walk (beta 32) for
   affinities that stay well above zero across boundaries, on the mean embedding of the
   image and its mirror at scales 1 and 1.5, each class's walked score divided by its
   peak; the walk's scores weighted 4x against the post-walk dCRF's pairwise terms;
@@ -99,6 +102,10 @@ def cpu(c):
   c.cam.imagenet_prior = True
   c.cam.train.update(steps=230, lr=0.01, log_every=10, ckpt_every=50)
   c.aff.train.update(steps=600, lr=0.01, log_every=25, ckpt_every=100)
+  # Pairs up to 12 cells apart (the walk keeps 5): they reach across the neutral band
+  # between confident foreground and background, giving 19x the boundary pairs at 78%
+  # precision against 63% (docs/real_photos.md).
+  c.aff.radius = 12
   c.crf.la_alpha, c.crf.ha_alpha = 1.0, 6.0
   c.rw.alpha, c.rw.beta = 2.5, 32.0
   c.rw.flip = True

@@ -56,9 +56,10 @@ def _np_labels(lab, offs, border, r):
 
 
 @pytest.mark.parametrize("border", ["full", "reference"])
-def test_labels_and_loss_match_spec(border):
+@pytest.mark.parametrize("r", [5, 12])   # 12: pairs longer than the 9x10 map is wide
+def test_labels_and_loss_match_spec(border, r):
   rng = np.random.default_rng()
-  b, h, w, r = 2, 9, 10, 5
+  b, h, w = 2, 9, 10
   offs = neighbors.half_disk_offsets(r)
   lab = rng.choice(np.array([0, 0, 3, 3, 7, 255], np.uint8), size=(b, h, w))
   got = affinity.affinity_labels(lab, offs, border=border)
