@@ -42,6 +42,10 @@ FREE_LEAVES = frozenset({"steps", "log_every", "ckpt_every", "keep", "progress"}
 FREE_KEYS = frozenset({"crf.num_workers", "data.num_workers"})
 # Groups whose every key may change: how processes find each other.
 FREE_GROUPS = ("distributed",)
+# Keys only the segmentation net reads (its training and its score in `eval`): free to
+# change until it has started (`workdir.claim`), so that a workdir of a config without
+# the net (`:cpu`) can go on with it (`:cpu_full`).
+SEG_KEYS = ("seg", "data.seg_eval_split")
 # Keys added to `defaults` after workdirs were written without them, each with the value
 # that does what ran before it existed: a workdir that lacks one reads as that value.
 # Add a key here when you add it to `defaults`. (`data.infer_canvases` is the one whose
@@ -277,16 +281,19 @@ def _tuples(value):
   return value
 
 
-def first_difference(saved: dict, current: dict) -> tuple[str, Any, Any] | None:
+def first_difference(saved: dict, current: dict,
+                     also_free: tuple[str, ...] = ()) -> tuple[str, Any, Any] | None:
   """The first key, not free to change, whose value differs between two `to_record`s
   ((key, saved value, current value); `"<missing>"` for a key one lacks), or None.
 
-  A key of `ADDED_KEYS` the saved config lacks counts as its value there.
+  A key of `ADDED_KEYS` the saved config lacks counts as its value there. `also_free`
+  frees more keys, each named or under a named group (e.g. `SEG_KEYS`).
   """
   old = flatten(_with_added_keys(saved["config"]))
   new = flatten(current["config"])
+  free = lambda k: _free(k) or any(k == g or k.startswith(g + ".") for g in also_free)
   differing = sorted(k for k in set(old) | set(new)
-                     if old.get(k, "<missing>") != new.get(k, "<missing>") and not _free(k))
+                     if old.get(k, "<missing>") != new.get(k, "<missing>") and not free(k))
   if not differing:
     return None
   key = differing[0]

@@ -187,6 +187,12 @@ class ReportStore:
   folder = "eval"
   RESULTS = "results.json"
   TABLE = "results.md"
+  SEG_PREFIX = "seg ("
+
+  @classmethod
+  def seg_method(cls, split: str) -> str:
+    """The segmentation net's name in the reports, scored on `split`: "seg (val)"."""
+    return f"{cls.SEG_PREFIX}{split})"
 
   def __init__(self, root: str, folder: str = folder):
     self.directory = os.path.join(root, folder)
@@ -266,7 +272,9 @@ def claim(config, root: str, config_name: str, write: bool = True) -> None:
 
   Writes `<root>/config.json` (`config_lib.to_record`) on the first run and again when
   only keys free to change changed (so it always shows the latest run's values); with
-  `write=False` only checks (the hosts of a multi-host run but the first).
+  `write=False` only checks (the hosts of a multi-host run but the first). The
+  segmentation net's keys (`config_lib.SEG_KEYS`) are free until that net has started:
+  trained or scored there.
 
   Raises:
     UserError: the workdir was written by a config that differs in another key.
@@ -275,7 +283,8 @@ def claim(config, root: str, config_name: str, write: bool = True) -> None:
   record = config_lib.to_record(config, config_name)
   if io.exists(path):
     saved = _read_record(path)
-    difference = config_lib.first_difference(saved, record)
+    also_free = () if _seg_started(root) else config_lib.SEG_KEYS
+    difference = config_lib.first_difference(saved, record, also_free)
     if difference:
       key, old, new = difference
       raise UserError(f"workdir {root} was written by config {saved['config_name']} "
@@ -284,6 +293,13 @@ def claim(config, root: str, config_name: str, write: bool = True) -> None:
       return
   if write:
     io.write_json(path, record)
+
+
+def _seg_started(root: str) -> bool:
+  """Whether the segmentation net has trained (its folder exists) or been scored in
+  `root`."""
+  return (io.exists(CheckpointStore(root, "seg").directory)
+          or any(m.startswith(ReportStore.SEG_PREFIX) for m in ReportStore(root).methods()))
 
 
 def saved_config(root: str):

@@ -176,12 +176,43 @@ def test_worker_counts_within_a_workdir(tmp_path):
                              tiny)
 
 
+def test_segmentation_keys_change_until_the_net_has_started(tmp_path):
+  """A workdir of a config without the segmentation net can go on with it (`:cpu`
+  then `:cpu_full`); once the net has trained or been scored its keys are fixed."""
+  workdir = str(tmp_path / "w")
+  tiny = "configs/scenes.py:tiny"
+  workdir_layout.claim(config_lib.load_config(tiny, {"seg.enabled": "False"}), workdir, tiny)
+  with_seg = config_lib.load_config(tiny, {"seg.enabled": "True", "seg.head_width": "64",
+                                           "data.seg_eval_split": "train"})
+  workdir_layout.claim(with_seg, workdir, tiny)
+  _, saved = workdir_layout.saved_config(workdir)
+  assert saved.seg.enabled and saved.seg.head_width == 64
+  # Other keys stay fixed meanwhile.
+  with pytest.raises(UserError, match=r"\(rw\.beta: "):
+    workdir_layout.claim(config_lib.load_config(tiny, {"rw.beta": "3.0"}), workdir, tiny)
+  narrower = config_lib.load_config(tiny, {"seg.enabled": "True", "seg.head_width": "32",
+                                           "data.seg_eval_split": "train"})
+  reports = tmp_path / "w" / "eval"
+  reports.mkdir()
+  (reports / "results.json").write_text(json.dumps({"methods": {"CAM": {}, "CAM+RW": {}}}))
+  workdir_layout.claim(narrower, workdir, tiny)  # Scored, but not the net: still free.
+  workdir_layout.claim(with_seg, workdir, tiny)
+  (reports / "results.json").write_text(json.dumps({"methods": {"CAM": {}, "seg (train)": {}}}))
+  with pytest.raises(UserError, match=r"\(seg\.head_width: 64 there, 32 now\)"):
+    workdir_layout.claim(narrower, workdir, tiny)
+  (reports / "results.json").unlink()
+  (tmp_path / "w" / "seg").mkdir()
+  with pytest.raises(UserError, match=r"\(seg\.head_width: 64 there, 32 now\)"):
+    workdir_layout.claim(narrower, workdir, tiny)
+
+
 def test_within_workdir_rules_name_real_keys():
   keys = config_lib.flatten(defaults.base_config())
   leaves = {key.rsplit(".", 1)[-1] for key in keys}
   assert config_lib.FREE_LEAVES <= leaves
   assert config_lib.FREE_KEYS <= set(keys)
   assert all(any(k.startswith(group + ".") for k in keys) for group in config_lib.FREE_GROUPS)
+  assert all(g in keys or any(k.startswith(g + ".") for k in keys) for g in config_lib.SEG_KEYS)
   # An added key's old behaviour is its default (the defaults do what ran before it),
   # except where the default changed on purpose: VOC inference pads onto two canvases,
   # so an older VOC workdir (tight padding) refuses the new default instead of mixing.

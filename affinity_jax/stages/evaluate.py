@@ -7,6 +7,7 @@ side by side), confusion_<method>.png and overlays.png.
 import jax
 
 from affinity_jax import constants
+from affinity_jax import workdir as workdir_lib
 from affinity_jax.evaluation import confusion
 from affinity_jax.evaluation import plots
 from affinity_jax.evaluation import pseudo_labels
@@ -16,7 +17,7 @@ from affinity_jax.stages import common
 
 def seg_method(config) -> str:
   """The segmentation net's name in the reports."""
-  return f"seg ({config.data.seg_eval_split})"
+  return workdir_lib.ReportStore.seg_method(config.data.seg_eval_split)
 
 
 def done(ctx: common.Context) -> bool:
