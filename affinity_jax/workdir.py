@@ -283,8 +283,10 @@ def claim(config, root: str, config_name: str, write: bool = True) -> None:
   record = config_lib.to_record(config, config_name)
   if io.exists(path):
     saved = _read_record(path)
-    also_free = () if _seg_started(root) else config_lib.SEG_KEYS
-    difference = config_lib.first_difference(saved, record, also_free)
+    difference = config_lib.first_difference(saved, record)
+    # Only when something differs: reading the workdir's state costs requests in a bucket.
+    if difference and not _seg_started(root):
+      difference = config_lib.first_difference(saved, record, config_lib.SEG_KEYS)
     if difference:
       key, old, new = difference
       raise UserError(f"workdir {root} was written by config {saved['config_name']} "
