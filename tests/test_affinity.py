@@ -1,6 +1,7 @@
 """Affinities, pair labels and the AffinityNet loss against plain NumPy loops."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -33,6 +34,36 @@ def test_pairwise_affinity_matches_double_loop(shape, chunk):
     for y in range(max(0, -dy), min(h, h - dy)):
       for x in range(max(0, -dx), min(w, w - dx)):
         np.testing.assert_allclose(got[:, k, y, x], back[:, k, y, x], atol=1e-6)
+
+
+def _dense_affinity(f, offs):
+  """The affinities by whole-map shifts, for jax.grad to differentiate on its own."""
+  b, h, w, _ = f.shape
+  out = []
+  for dy, dx in offs:
+    pad = jnp.pad(f, ((0, 0), (max(0, -dy), max(0, dy)), (max(0, -dx), max(0, dx)), (0, 0)))
+    y0, x0 = max(0, -dy) + dy, max(0, -dx) + dx
+    out.append(jnp.exp(-jnp.mean(jnp.abs(f - pad[:, y0:y0 + h, x0:x0 + w]), -1)))
+  return jnp.where(neighbors.pair_mask(offs, h, w, "full")[None], jnp.stack(out, 1), 0)
+
+
+@pytest.mark.parametrize("shape, r, chunk", [((2, 7, 9, 5), 4, 256), ((2, 7, 9, 5), 4, 7),
+                                             ((3, 6, 2, 3), 2, 5), ((2, 9, 10, 6), 12, 16)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_pairwise_affinity_gradient_matches_autodiff_of_dense_shifts(shape, r, chunk, ties):
+  # The hand-written backward against jax.grad of a plain formulation: chunks that
+  # overlap at the end, pairs past the map and across images, and (ties) equal features,
+  # where |x|'s derivative at 0 must be taken as jax takes it.
+  rng = np.random.default_rng(0)
+  f = rng.normal(size=shape).astype(np.float32)
+  if ties:
+    f = np.round(f)
+  offs = neighbors.half_disk_offsets(r)
+  weight = rng.normal(size=(shape[0], len(offs)) + shape[1:3]).astype(np.float32)
+  got = jax.jit(jax.grad(lambda x: jnp.sum(affinity.pairwise_affinity(x, offs, chunk) * weight)))(f)
+  want = jax.grad(lambda x: jnp.sum(_dense_affinity(x, offs) * weight))(f)
+  assert np.abs(want).max() > 0.1
+  np.testing.assert_allclose(got, want, atol=2e-6)
 
 
 def _np_labels(lab, offs, border, r):
