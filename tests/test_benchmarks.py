@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from affinity_jax import defaults
+from affinity_jax.benchmarks import affinity_loss
 from affinity_jax.benchmarks import inputs
 from affinity_jax.benchmarks import models as models_bench
 from affinity_jax.benchmarks import pipeline
@@ -105,6 +106,17 @@ def test_models_benchmark_writes_rows(tmp_path):
   assert row["forward_img_s"] > 0 and row["train_img_s"] > 0
   assert row["step_in_forwards"] == pytest.approx(row["forward_img_s"] / row["train_img_s"],
                                                   rel=0.02, abs=0.01)
+
+
+def test_affinity_loss_benchmark_rows_and_matching_gradients(tmp_path):
+  out = tmp_path / "affinity_loss.json"
+  affinity_loss.main(["--grids", "6x7", "--batch=2", "--dim=4", "--radii=2,12",
+                      "--repeats=1", f"--out={out}"])
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["grid"], r["radius"]) for r in rows] == [("6x7", 2), ("6x7", 12)]
+  for r in rows:
+    assert r["forward_ms"] > 0 and r["grad_ms"] > 0 and r["grad_autodiff_ms"] > 0
+    assert r["max_abs_diff"] < 1e-5
 
 
 def test_propagation_benchmark_dense_jax_memory_only_above_the_limit(tmp_path):

@@ -7,7 +7,7 @@
 #   pip install -r requirements.lock -e . --no-deps
 #   pip install "jax[cuda12]==$(sed -n 's/^jax==//p' requirements.lock)"
 # Writes $OUT/rehearsal.json and $OUT/log.txt (OUT defaults to ./rehearsal_out).
-# The timeout keeps it under 8 minutes of device time; STEPS and IMAGES shrink it.
+# The timeouts keep it under 9 minutes of device time; STEPS and IMAGES shrink it.
 set -u
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 OUT=${OUT:-./rehearsal_out}
@@ -17,4 +17,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 lscpu | grep -E "^Model name|^CPU\(s\)"
 timeout 450 python -m affinity_jax.benchmarks.rehearsal --backbone=resnet38 \
     --steps="${STEPS:-10}" --images="${IMAGES:-48}" --out="$OUT/rehearsal.json"
+echo "exit $?"
+# AffinityNet's pair affinities and their gradient at the paper's 448 crop (56x56 cells).
+timeout 90 python -m affinity_jax.benchmarks.affinity_loss --grids 56x56 --radii 5,12 \
+    --out="$OUT/affinity_loss.json"
 echo "exit $?"
