@@ -35,7 +35,7 @@ LargeFOV head), trained on train's CAM+RW+dCRF masks and scored on val:
 
 Expected: the `cpu` table and seg (val) 25.7 on voc_dev's 92 val images (2-core AMD
 EPYC Zen 3, Dec 2026; train_seg 593 s and eval 96 s after `cpu`'s stages, 44 minutes in
-all).
+all; 47 minutes on a slower day of the same VM).
 Given a `cpu` run's --workdir, it runs only train_seg and eval.
 
 Variant `sample` runs end to end on a 40-image VOC sample (../shared/voc_sample unless
