@@ -29,9 +29,8 @@ def _autodiff_affinity(features, offsets):
   b, h, w, d = features.shape
   n = b * h * w
   shifts = tuple(int(s) for s in offsets[:, 0] * w + offsets[:, 1])
-  size = min(256 if n < 8192 else 2048, n)
   # `fun` is the undecorated function of the custom_vjp: the same forward, plain autodiff.
-  out = affinity._flat_affinity.fun(features.reshape(n, d), shifts, size)
+  out = affinity._flat_affinity.fun(features.reshape(n, d), shifts, affinity.chunk_rows(n))
   out = jnp.moveaxis(out.reshape(-1, b, h, w), 0, 1)
   return jnp.where(neighbors.pair_mask(offsets, h, w, "full")[None], out, 0)
 

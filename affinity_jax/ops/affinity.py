@@ -36,14 +36,20 @@ def pairwise_affinity(features: jnp.ndarray, offsets, chunk: int | None = None
   n = b * h * w
   if n == 0 or len(offsets) == 0:
     return jnp.zeros((b, len(offsets), h, w), features.dtype)
-  if chunk is None:
-    chunk = 256 if n < 8192 else 2048
   # Pixels flattened over the batch: offset k is a shift by s_k rows of [n, D]. Pairs
   # that leave their image (past a row end or into the next image) are masked at the end.
   shifts = tuple(int(s) for s in offsets[:, 0] * w + offsets[:, 1])
-  out = _flat_affinity(features.reshape(n, d), shifts, min(chunk, n))
+  out = _flat_affinity(features.reshape(n, d), shifts, chunk_rows(n, chunk))
   out = jnp.moveaxis(out.reshape(-1, b, h, w), 0, 1)
   return jnp.where(neighbors.pair_mask(offsets, h, w, "full")[None], out, 0)
+
+
+def chunk_rows(n: int, chunk: int | None = None) -> int:
+  """Source rows per loop step for n rows: `chunk`, by default 256 below 8192 rows and
+  2048 from there on, never more than n."""
+  if chunk is None:
+    chunk = 256 if n < 8192 else 2048
+  return min(chunk, n)
 
 
 def _geometry(shifts, n, size):
@@ -103,9 +109,10 @@ def _flat_affinity_bwd(shifts, size, residuals, g):
   """dW/df_p = -W sign(f_p - f_q) / D and dW/df_q = -dW/df_p for q = p + s.
 
   The same chunks as the forward; each accumulates its window's gradient (sources and
-  their partners) and adds it to the map's. Autodiff of the forward loop took 7x the
-  forward's time (radius 12 at 24x24, batch 8, 2-core CPU); this takes about 2x. The
-  sign at 0 is +1, as jax.grad of |x| has it, so the two agree exactly.
+  their partners) and adds it to the map's. jax.grad through the forward loop took 1.8x
+  as long (radius 12, [8, 24, 24, 448], 2-core CPU, alternated runs;
+  `benchmarks.affinity_loss`). The sign at 0 is +1, as jax.grad of |x| has it, so the
+  two agree to float rounding.
   """
   flat, out = residuals
   n, d = flat.shape
