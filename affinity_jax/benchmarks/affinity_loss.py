@@ -26,13 +26,8 @@ from affinity_jax.ops import affinity, neighbors
 
 def _autodiff_affinity(features, offsets):
   """`pairwise_affinity` with jax.grad differentiating its forward loop."""
-  b, h, w, d = features.shape
-  n = b * h * w
-  shifts = tuple(int(s) for s in offsets[:, 0] * w + offsets[:, 1])
   # `fun` is the undecorated function of the custom_vjp: the same forward, plain autodiff.
-  out = affinity._flat_affinity.fun(features.reshape(n, d), shifts, affinity.chunk_rows(n))
-  out = jnp.moveaxis(out.reshape(-1, b, h, w), 0, 1)
-  return jnp.where(neighbors.pair_mask(offsets, h, w, "full")[None], out, 0)
+  return affinity._pairwise(features, offsets, None, affinity._flat_affinity.fun)
 
 
 def bench(grid: tuple[int, int], batch: int, dim: int, radius: int, repeats: int) -> dict:

@@ -31,6 +31,12 @@ def pairwise_affinity(features: jnp.ndarray, offsets, chunk: int | None = None
   Returns:
     [B, K, H, W] in the features' dtype; 0 where p + o lies outside the map.
   """
+  return _pairwise(features, offsets, chunk, _flat_affinity)
+
+
+def _pairwise(features, offsets, chunk, flat_affinity):
+  """`pairwise_affinity` with `flat_affinity(flat [n, D], shifts, rows) -> [K, n]` as
+  its loop (the benchmark passes the loop without its custom backward)."""
   offsets = np.asarray(offsets, np.int32).reshape(-1, 2)
   b, h, w, d = features.shape
   n = b * h * w
@@ -39,17 +45,11 @@ def pairwise_affinity(features: jnp.ndarray, offsets, chunk: int | None = None
   # Pixels flattened over the batch: offset k is a shift by s_k rows of [n, D]. Pairs
   # that leave their image (past a row end or into the next image) are masked at the end.
   shifts = tuple(int(s) for s in offsets[:, 0] * w + offsets[:, 1])
-  out = _flat_affinity(features.reshape(n, d), shifts, chunk_rows(n, chunk))
-  out = jnp.moveaxis(out.reshape(-1, b, h, w), 0, 1)
-  return jnp.where(neighbors.pair_mask(offsets, h, w, "full")[None], out, 0)
-
-
-def chunk_rows(n: int, chunk: int | None = None) -> int:
-  """Source rows per loop step for n rows: `chunk`, by default 256 below 8192 rows and
-  2048 from there on, never more than n."""
   if chunk is None:
     chunk = 256 if n < 8192 else 2048
-  return min(chunk, n)
+  out = flat_affinity(features.reshape(n, d), shifts, min(chunk, n))
+  out = jnp.moveaxis(out.reshape(-1, b, h, w), 0, 1)
+  return jnp.where(neighbors.pair_mask(offsets, h, w, "full")[None], out, 0)
 
 
 def _geometry(shifts, n, size):
